@@ -1,0 +1,159 @@
+"""One call to an upstream: send with deadlines, and map every failure to one error type, once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+
+from gateway.errors import (
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    scrub,
+)
+from gateway.upstreams import Upstream
+
+_MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass
+class Deadline:
+    """One deadline for the whole request, measured on the monotonic clock."""
+
+    total_s: float
+    start: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float:
+        return self.total_s - (time.monotonic() - self.start)
+
+    def within(self, phase_s: float) -> float:
+        """A phase's timeout: its own limit or the time left overall, whichever is shorter."""
+        left = self.left()
+        if left <= 0:
+            raise UpstreamTimeout("The upstream did not finish within the request deadline.")
+        return min(phase_s, left)
+
+
+@dataclass
+class Opened:
+    """An upstream response whose status and headers have arrived; body not yet read."""
+
+    upstream: Upstream
+    replica: int
+    response: httpx.Response
+    closed: bool = False
+
+    async def aclose(self) -> None:
+        """Close the upstream connection and free the replica slot; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.upstream.release(self.replica)
+        await self.response.aclose()
+
+
+async def open_call(upstream: Upstream, path: str, payload: bytes, deadline: Deadline) -> Opened:
+    """Send the request; return once a successful status arrives, else raise an UpstreamError."""
+    replica = upstream.acquire()
+    request = upstream.client.build_request(
+        "POST",
+        upstream.url(replica, path),
+        content=payload,
+        headers={**upstream.headers, "content-type": "application/json"},
+    )
+    try:
+        async with asyncio.timeout(deadline.within(upstream.timeouts.first_byte)):
+            response = await upstream.client.send(request, stream=True)
+    except BaseException as exc:
+        upstream.release(replica)
+        raise transport_error(exc, upstream) from None
+    opened = Opened(upstream, replica, response)
+    if response.status_code >= 400:
+        try:
+            body = await _read_error_body(response, deadline)
+        finally:
+            await opened.aclose()
+        raise status_error(response.status_code, body, response.headers, upstream)
+    return opened
+
+
+async def read_body(opened: Opened, deadline: Deadline) -> bytes:
+    """The whole (non-streaming) body within the request deadline."""
+    try:
+        async with asyncio.timeout(deadline.within(opened.upstream.timeouts.total)):
+            return await opened.response.aread()
+    except BaseException as exc:
+        raise transport_error(exc, opened.upstream) from None
+
+
+async def _read_error_body(response: httpx.Response, deadline: Deadline) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(min(deadline.left(), 5.0)):
+            async for chunk in response.aiter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= _MAX_ERROR_BODY:
+                    break
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    return b"".join(chunks)
+
+
+def transport_error(exc: BaseException, upstream: Upstream) -> BaseException:
+    """The one mapping from transport failures to Turnout errors (cancellation passes through)."""
+    if isinstance(exc, UpstreamError) or not isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return UpstreamTimeout(
+            f"The upstream for this model did not answer in time ({_what(exc)})."
+        )
+    if isinstance(exc, httpx.HTTPError):
+        return UpstreamError(f"The upstream for this model failed: {_what(exc)}.")
+    return exc
+
+
+def _what(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def status_error(
+    status: int, body: bytes, headers: httpx.Headers, upstream: Upstream
+) -> UpstreamError:
+    """The one mapping from an upstream's error status to the error the client gets."""
+    if status in (400, 413, 422):
+        message = scrub(_upstream_message(body), upstream.secrets)
+        return UpstreamBadRequest(message or f"The upstream rejected the request ({status}).")
+    if status == 429:
+        retry = headers.get("retry-after")
+        return UpstreamRateLimited(
+            "The upstream for this model is rate limited; retry later.",
+            headers={"retry-after": retry} if retry and retry.isdigit() else None,
+        )
+    if status in (401, 403, 404):
+        return UpstreamRejected(
+            f"The upstream refused Turnout's request ({status}); check the gateway's "
+            "upstream credentials and model names."
+        )
+    return UpstreamError(f"The upstream for this model failed with status {status}.")
+
+
+def _upstream_message(body: bytes) -> str:
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return ""
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(data.get("message"), str):
+            return str(data["message"])
+    return ""

@@ -1,0 +1,109 @@
+"""The `turnout` command line: serve, check, simulate, demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gateway.config_check import SettingsError, check_file, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Turnout LLM gateway.")
+console = Console(stderr=True)
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")]
+CONFIG_ENV = "TURNOUT_CONFIG"
+
+
+@app.command()
+def serve(
+    config: ConfigOption,
+    host: Annotated[str | None, typer.Option(help="Bind address (overrides server.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (overrides server.port).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Serve the gateway under uvicorn (uvloop + httptools)."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _load_or_exit(config)
+    os.environ[CONFIG_ENV] = str(config.resolve())
+    uvicorn.run(
+        "gateway.serve:app_from_env",
+        factory=True,
+        host=host or settings.server.host,
+        port=settings.server.port if port is None else port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def check(
+    config: ConfigOption,
+    strict: Annotated[bool, typer.Option(help="Treat missing secrets as errors.")] = False,
+) -> None:
+    """Validate a configuration file and list every problem found."""
+    problems = check_file(config, os.environ, strict=strict)
+    for problem in problems:
+        style = "red" if problem.severity == "error" else "yellow"
+        console.print(f"[{style}]{problem.severity}[/] {problem.path}: {problem.message}")
+    if any(p.severity == "error" for p in problems):
+        raise typer.Exit(1)
+    typer.echo("ok")
+
+
+@app.command()
+def simulate(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    ttft_ms: Annotated[float, typer.Option(help="Time to first token, ms.")] = 50.0,
+    tokens_per_s: Annotated[float, typer.Option(help="Decode speed, tokens/s.")] = 200.0,
+    failure_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Served model names (any if none).")
+    ] = None,
+) -> None:
+    """Run a simulated OpenAI-compatible upstream (vLLM-like)."""
+    from serving.simulated import SimProfile, run_simulated
+
+    profile = SimProfile(
+        ttft_ms=ttft_ms,
+        tokens_per_s=tokens_per_s,
+        failure_rate=failure_rate,
+        models=tuple(model or ()),
+    )
+    run_simulated(profile, host, port)
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(min=10, help="Requests to send.")] = 300,
+) -> None:
+    """The whole story on simulated upstreams: routing, A/B split, tokens, cost."""
+    from gateway.demo import run_demo
+
+    raise typer.Exit(run_demo(requests))
+
+
+def _load_or_exit(path: Path):  # type: ignore[no-untyped-def]
+    try:
+        return load_settings(path, os.environ)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            console.print(f"[red]{problem.severity}[/] {problem.path}: {problem.message}")
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,82 @@
+"""Per-request context and the ASGI wrapper that stamps `x-request-id` and `x-turnout-*` headers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SCOPE_KEY = "turnout"
+_MAX_ID = 128
+
+
+@dataclass
+class RequestContext:
+    """What is known about a request so far; headers are taken from it when the response starts."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: str | None = None
+    variant: str | None = None
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = [(b"x-request-id", self.request_id.encode())]
+        if self.route is not None:
+            out.append((b"x-turnout-route", self.route.encode()))
+        if self.variant is not None:
+            out.append((b"x-turnout-variant", self.variant.encode()))
+        return out + self.extra_headers
+
+
+def context_of(scope: Scope) -> RequestContext:
+    """The context the wrapper made (or a fresh one when the app runs unwrapped)."""
+    ctx = scope.get(SCOPE_KEY)
+    if not isinstance(ctx, RequestContext):
+        ctx = scope[SCOPE_KEY] = RequestContext(request_id=_new_id())
+    return ctx
+
+
+def client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if 0 < len(text) <= _MAX_ID and text.isascii() and text.isprintable():
+                return text
+            return None
+    return None
+
+
+def _new_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def with_request_context(app: Any) -> ASGIApp:
+    """Wrap the whole app so that every HTTP answer, router 404s included, carries the headers."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        ctx = RequestContext(request_id=client_request_id(scope) or _new_id())
+        scope[SCOPE_KEY] = ctx
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v) for k, v in message.get("headers", ()) if not k.startswith(b"x-turnout-")
+                ]
+                message["headers"] = headers + ctx.headers()
+            await send(message)
+
+        await app(scope, receive, stamped)
+
+    return wrapped

@@ -1,0 +1,172 @@
+"""Every error Turnout answers with, and the one place that renders them in OpenAI's shape.
+
+TurnoutError                       (status, type, code; message safe to show)
+├── BadRequest            400      invalid_request_error
+├── Unauthorized          401      invalid_request_error / invalid_api_key
+├── Forbidden             403      permission_error
+├── ModelNotFound         404      invalid_request_error / model_not_found
+├── NotFound              404      invalid_request_error / not_found
+├── MethodNotAllowed      405      invalid_request_error / method_not_allowed
+├── PayloadTooLarge       413      invalid_request_error / request_too_large
+├── RateLimited           429      rate_limit_error (optional Retry-After)
+├── ClientDisconnected    499      (never sent: the client has gone)
+└── UpstreamError         502/504  upstream failures, made once at the adapter
+    ├── UpstreamRejected  502      upstream refused Turnout's credentials or config
+    ├── UpstreamBadRequest 400     upstream said the request was invalid
+    ├── UpstreamRateLimited 429    upstream said slow down
+    └── UpstreamTimeout   504      a deadline passed
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import msgspec
+
+
+class TurnoutError(Exception):
+    """An error with a status and a message that is safe to show to the client."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        """The OpenAI error object as JSON bytes."""
+        return msgspec.json.encode(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+class BadRequest(TurnoutError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(TurnoutError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(TurnoutError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class ModelNotFound(TurnoutError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class NotFound(TurnoutError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(TurnoutError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(TurnoutError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(TurnoutError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ClientDisconnected(TurnoutError):
+    """The client went away; recorded as 499, never rendered."""
+
+    status = 499
+    type = "client_disconnected"
+
+
+class UpstreamError(TurnoutError):
+    """The upstream failed: reset, 5xx, garbage. 502 to the client."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused Turnout's credentials or configuration (401/403/404)."""
+
+    code = "upstream_rejected"
+
+
+class UpstreamBadRequest(UpstreamError):
+    """The upstream judged the request invalid (400/413/422): the client's fault."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "upstream_bad_request"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/=]{8,}")
+_KEYLIKE = re.compile(r"\b(sk|key|tok|api)[-_][A-Za-z0-9._\-]{8,}\b")
+_MAX_MESSAGE = 1000
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove secrets, bearer tokens and key-like strings from text meant for a client."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _BEARER.sub(r"\1[redacted]", text)
+    text = _KEYLIKE.sub("[redacted]", text)
+    if len(text) > _MAX_MESSAGE:
+        text = text[:_MAX_MESSAGE] + "…"
+    return text

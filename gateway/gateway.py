@@ -1,0 +1,78 @@
+"""The gateway's run-time state: settings, keys, upstream clients, variants and records."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.auth import KeyRing
+from gateway.records import RecordLog
+from gateway.settings import Route, Settings, Variant
+from gateway.tokens import REPLY_PRIMING, TokenCounter
+from gateway.upstreams import Upstream, build_upstream
+from router.shaping import shape_chat_messages
+
+log = logging.getLogger("turnout")
+
+
+@dataclass(frozen=True)
+class VariantRuntime:
+    """A variant with what every request on it needs, computed once at start."""
+
+    name: str
+    config: Variant
+    upstream: Upstream
+    system: str
+    examples: tuple[tuple[str, str], ...]
+    injected_tokens: int
+
+    @property
+    def tuning(self) -> str:
+        return "prompted" if self.config.is_prompted else "fine-tuned"
+
+
+class Gateway:
+    """Everything a request handler needs; made in the app's lifespan, closed at shutdown."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.keys = KeyRing(settings.keys)
+        self.records = RecordLog()
+        self.rand = random.Random()
+        self.upstreams = {
+            name: build_upstream(name, config, environ)
+            for name, config in settings.upstreams.items()
+        }
+        self.variants = {
+            name: _runtime(name, variant, self.upstreams[variant.upstream])
+            for name, variant in settings.variants.items()
+        }
+        if self.keys.open:
+            log.warning(
+                "no client keys configured: this gateway is OPEN to anyone who can reach it"
+            )
+
+    def route(self, name: str) -> Route | None:
+        return self.settings.routes.get(name)
+
+    def degraded(self) -> list[str]:
+        """Parts that are not fully working, named for `/readyz` (health checks fill this)."""
+        return []
+
+    async def aclose(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.aclose()
+
+
+def _runtime(name: str, variant: Variant, upstream: Upstream) -> VariantRuntime:
+    prompt = variant.prompt
+    system = prompt.system if prompt else ""
+    examples = tuple((e.user, e.assistant) for e in prompt.examples) if prompt else ()
+    injected = 0
+    if system or examples:
+        # What the prompt adds to any conversation: its messages minus the reply priming.
+        counter = TokenCounter(variant.encoding)
+        injected = counter.messages(shape_chat_messages([], system, examples)) - REPLY_PRIMING
+    return VariantRuntime(name, variant, upstream, system, examples, injected)

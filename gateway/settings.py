@@ -1,0 +1,162 @@
+"""Typed configuration: the YAML shape of DESIGN.md as msgspec Structs (checks: config_check)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/@-]+$")]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base: unknown keys are errors. Subclasses repeat `frozen=True` for mypy's sake."""
+
+
+class Server(Strict, frozen=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+
+
+class State(Strict, frozen=True):
+    redis_url: str | None = None
+
+
+class Timeouts(Strict, frozen=True):
+    """Deadlines per phase of an upstream call, in seconds."""
+
+    connect: PositiveFloat = 5.0
+    first_byte: PositiveFloat = 60.0
+    idle: PositiveFloat = 60.0
+    total: PositiveFloat = 600.0
+
+
+class Pool(Strict, frozen=True):
+    max_connections: PositiveInt = 256
+    max_keepalive: PositiveInt = 64
+
+
+class Gpu(Strict, frozen=True):
+    hourly_usd: NonNegFloat
+    count: PositiveInt = 1
+
+
+class Serve(Strict, frozen=True):
+    """How vLLM is launched for this upstream (acted on by `turnout serving`)."""
+
+    base_model: str
+    adapters: dict[str, str] = {}
+    max_model_len: PositiveInt | None = None
+    max_loras: PositiveInt | None = None
+    max_lora_rank: PositiveInt | None = None
+    dtype: str | None = None
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    tensor_parallel_size: PositiveInt | None = None
+    extra_args: list[str] = []
+
+
+class VllmUpstream(Strict, tag="vllm", tag_field="kind", frozen=True):
+    urls: Annotated[list[str], msgspec.Meta(min_length=1)]
+    api_key_env: str | None = None
+    gpu: Gpu | None = None
+    serve: Serve | None = None
+    timeouts: Timeouts = Timeouts()
+    pool: Pool = Pool()
+
+
+class OpenAIUpstream(Strict, tag="openai", tag_field="kind", frozen=True):
+    base_url: str
+    api_key_env: str | None = None
+    headers: dict[str, str] = {}
+    timeouts: Timeouts = Timeouts()
+    pool: Pool = Pool()
+
+
+class SimulatedUpstream(Strict, tag="simulated", tag_field="kind", frozen=True):
+    """An in-process OpenAI-compatible stand-in (see serving/simulated.py)."""
+
+    ttft_ms: NonNegFloat = 50.0
+    tokens_per_s: PositiveFloat = 200.0
+    failure_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    completion_tokens: PositiveInt = 16
+    models: list[str] = []
+    gpu: Gpu | None = None
+    timeouts: Timeouts = Timeouts()
+    pool: Pool = Pool()
+
+
+Upstream = VllmUpstream | OpenAIUpstream | SimulatedUpstream
+
+
+class Price(Strict, frozen=True):
+    """Dollars per million tokens."""
+
+    input_per_mtok: NonNegFloat = 0.0
+    cached_input_per_mtok: NonNegFloat | None = None
+    output_per_mtok: NonNegFloat = 0.0
+
+
+class Example(Strict, frozen=True):
+    user: str
+    assistant: str
+
+
+class Prompt(Strict, frozen=True):
+    system: str = ""
+    examples: list[Example] = []
+
+
+class Variant(Strict, frozen=True):
+    upstream: str
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    price: Price | None = None
+    prompt: Prompt | None = None
+    tuning: Literal["prompted", "fine-tuned"] | None = None
+    encoding: str | None = None
+
+    @property
+    def is_prompted(self) -> bool:
+        if self.tuning is not None:
+            return self.tuning == "prompted"
+        return self.prompt is not None
+
+
+class Shadow(Strict, frozen=True):
+    variant: str
+    fraction: Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class Route(Strict, frozen=True):
+    split: Annotated[dict[str, float], msgspec.Meta(min_length=1)]
+    sticky: str | None = None  # user | key | header:<name>
+    fallback: list[str] = []
+    shadow: Shadow | None = None
+
+
+class Budget(Strict, frozen=True):
+    usd: NonNegFloat
+    per: Literal["minute", "hour", "day", "month"] = "day"
+
+
+class Key(Strict, frozen=True):
+    name: Name
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    routes: list[str] | None = None  # None: every route
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    budget: Budget | None = None
+    disabled: bool = False
+
+
+class Settings(Strict, frozen=True):
+    upstreams: dict[str, Upstream]
+    variants: dict[str, Variant]
+    routes: dict[str, Route]
+    server: Server = Server()
+    state: State = State()
+    admin_key_env: str | None = None
+    keys: list[Key] = []
