@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-from gateway.errors import Unauthorized
+from gateway.errors import Forbidden, Unauthorized
 from gateway.settings import Key
 
 
@@ -39,6 +39,15 @@ class KeyRing:
             if hmac.compare_digest(stored, digest):
                 found = key
         return found
+
+
+def check_admin(authorization: str | None, admin_key: str | None) -> None:
+    """Pass with the admin key, else 403 (also when no admin key is configured: endpoints off)."""
+    if not admin_key:
+        raise Forbidden("Admin endpoints are disabled: no admin key is configured.")
+    token = _bearer(authorization) or ""
+    if not hmac.compare_digest(token.encode(), admin_key.encode()):
+        raise Forbidden("This endpoint needs the admin key.")
 
 
 def may_call(key: Key | None, route: str) -> bool:

@@ -39,6 +39,7 @@ class Gateway:
     def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.keys = KeyRing(settings.keys)
+        self.admin_key = environ.get(settings.admin_key_env or "") or None
         self.records = RecordLog()
         self.rand = random.Random()
         self.upstreams = {

@@ -4,33 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from gateway import body as bodies
-from gateway.auth import may_call
+from gateway.auth import check_admin, may_call
+from gateway.errors import NotFound
 from gateway.gateway import Gateway
 from gateway.proxy import proxy
 
 AnyRequest = Request[Any, Any, Any]
+GatewayDep = NamedDependency[Gateway]
 
 
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: AnyRequest, gw: Gateway) -> Response[Any]:
+async def chat_completions(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
     return await proxy(gw, request, bodies.CHAT)
 
 
 @post("/v1/completions", status_code=200)
-async def completions(request: AnyRequest, gw: Gateway) -> Response[Any]:
+async def completions(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
     return await proxy(gw, request, bodies.COMPLETIONS)
 
 
 @post("/v1/embeddings", status_code=200)
-async def embeddings(request: AnyRequest, gw: Gateway) -> Response[Any]:
+async def embeddings(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
     return await proxy(gw, request, bodies.EMBEDDINGS)
 
 
 @get("/v1/models")
-async def models(request: AnyRequest, gw: Gateway) -> dict[str, Any]:
+async def models(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
     """The routes this key may call, in OpenAI's list shape."""
     key = gw.keys.authenticate(request.headers.get("authorization"))
     data = [
@@ -41,16 +46,28 @@ async def models(request: AnyRequest, gw: Gateway) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+@get("/turnout/requests/{request_id:str}")
+async def request_record(
+    request: AnyRequest, gw: GatewayDep, request_id: FromPath[str]
+) -> Response[bytes]:
+    """One request's record (admin key)."""
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    record = gw.records.get(request_id)
+    if record is None:
+        raise NotFound(f"No record for request `{request_id}`.", param="request_id")
+    return Response(msgspec.json.encode(record), media_type="application/json")
+
+
 @get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @get("/readyz")
-async def readyz(gw: Gateway) -> Response[dict[str, Any]]:
+async def readyz(gw: GatewayDep) -> Response[dict[str, Any]]:
     degraded = gw.degraded()
     status = "degraded" if degraded else "ready"
     return Response({"status": status, "degraded": degraded}, status_code=200)
 
 
-ROUTES = [chat_completions, completions, embeddings, models, healthz, readyz]
+ROUTES = [chat_completions, completions, embeddings, models, request_record, healthz, readyz]

@@ -42,9 +42,16 @@ class RecordLog:
 
     def __init__(self, capacity: int = 100_000) -> None:
         self._records: deque[RequestRecord] = deque(maxlen=capacity)
+        self._by_id: dict[str, RequestRecord] = {}
 
     def add(self, record: RequestRecord) -> None:
         self._records.append(record)
+        self._by_id[record.request_id] = record
+        while len(self._by_id) > len(self._records):
+            self._by_id.pop(next(iter(self._by_id)))
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._by_id.get(request_id)
 
     def __iter__(self) -> Iterator[RequestRecord]:
         return iter(self._records)

@@ -89,7 +89,9 @@ async def test_unknown_model_answers_like_ok_on_completions(client: httpx.AsyncC
     assert answer["usage"] == USAGE
 
 
-async def test_ok_stream_with_usage_ends_like_vllm(client: httpx.AsyncClient) -> None:
+async def test_ok_stream_with_usage_ends_like_vllm(
+    client: httpx.AsyncClient, recorder: Recorder
+) -> None:
     body = chat("ok", stream=True, stream_options={"include_usage": True})
     response = await client.post("/v1/chat/completions", json=body)
     assert response.headers["content-type"] == "text/event-stream"
@@ -103,6 +105,7 @@ async def test_ok_stream_with_usage_ends_like_vllm(client: httpx.AsyncClient) ->
     assert parsed[-1]["choices"] == []
     assert parsed[-1]["usage"] == USAGE
     assert chat_text(parsed) == OK_TEXT
+    assert recorder.disconnects == []
 
 
 async def test_ok_stream_without_usage_and_text_completions(client: httpx.AsyncClient) -> None:

@@ -1,0 +1,131 @@
+"""The `turnout` command as a user runs it: check, serve (with the openai client), demo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TURNOUT = shutil.which("turnout", path=str(Path(sys.executable).parent)) or "turnout"
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TURNOUT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_check_ok_on_examples() -> None:
+    result = _run("check", "-c", "examples/quickstart.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_check_lists_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "upstreams:\n  u: {kind: openai, base_url: 'http://x/v1', colour: red}\n"
+        "variants:\n  v: {upstream: nope, model: m}\n"
+        "routes:\n  r: {split: {v: -1, w: 1}}\n"
+    )
+    result = _run("check", "-c", str(bad))
+    assert result.returncode == 1
+    out = result.stdout + result.stderr
+    for path in (
+        "upstreams.u.colour",
+        "variants.v.upstream",
+        "routes.r.split.v",
+        "routes.r.split.w",
+    ):
+        assert path in out
+
+
+def test_check_missing_secret_is_warning_unless_strict() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"OPENAI_API_KEY", "TURNOUT_ADMIN_KEY"}}
+    loose = subprocess.run(
+        [TURNOUT, "check", "-c", "examples/production.yaml"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert loose.returncode == 0 and "OPENAI_API_KEY" in loose.stdout + loose.stderr
+    strict = subprocess.run(
+        [TURNOUT, "check", "--strict", "-c", "examples/production.yaml"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert strict.returncode == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served_quickstart() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [TURNOUT, "serve", "-c", "examples/quickstart.yaml", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "turnout serve did not become ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=20)
+        assert "OPEN" in output  # the open gateway is announced at start
+
+
+def test_serve_quickstart_with_openai_client(served_quickstart: str) -> None:
+    client = openai.OpenAI(base_url=served_quickstart + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["support"]
+    messages = [{"role": "user", "content": "I was charged twice"}]
+    variants = set()
+    for i in range(12):
+        raw = client.chat.completions.with_raw_response.create(
+            model="support",
+            messages=messages,
+            user=f"u{i}",  # type: ignore[arg-type]
+        )
+        assert raw.parse().choices[0].message.content
+        variants.add(raw.headers["x-turnout-variant"])
+    assert variants == {"support-ft", "support-prompted"} or len(variants) == 1
+    chunks = list(
+        client.chat.completions.create(
+            model="support",
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert client.completions.create(model="support", prompt="hi").choices[0].text
+    assert len(client.embeddings.create(model="support", input="hi").data) == 1
+
+
+def test_demo_exits_zero() -> None:
+    result = _run("demo", "--requests", "80", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "support-ft" in result.stdout and "support-prompted" in result.stdout
+    assert "Break-even" in result.stdout
