@@ -58,17 +58,32 @@ class Opened:
         await self.response.aclose()
 
 
-async def open_call(upstream: Upstream, path: str, payload: bytes, deadline: Deadline) -> Opened:
-    """Send the request; return once a successful status arrives, else raise an UpstreamError."""
+async def open_call(
+    upstream: Upstream, path: str, payload: bytes, deadline: Deadline, *, stream: bool
+) -> Opened:
+    """Send the request; return once a successful status arrives, else raise an UpstreamError.
+
+    A stream's headers must come within the first-byte limit; a non-streaming answer's headers
+    come only when the whole answer is ready, so they get the total deadline.
+    """
+    timeouts = upstream.timeouts
+    wait = timeouts.first_byte if stream else timeouts.total
     replica = upstream.acquire()
     request = upstream.client.build_request(
         "POST",
         upstream.url(replica, path),
         content=payload,
         headers={**upstream.headers, "content-type": "application/json"},
+        # httpx's read timeout also covers the wait for headers; phases are enforced here.
+        timeout=httpx.Timeout(
+            connect=timeouts.connect,
+            read=max(wait, timeouts.idle),
+            write=timeouts.idle,
+            pool=timeouts.connect,
+        ),
     )
     try:
-        async with asyncio.timeout(deadline.within(upstream.timeouts.first_byte)):
+        async with asyncio.timeout(deadline.within(wait)):
             response = await upstream.client.send(request, stream=True)
     except BaseException as exc:
         upstream.release(replica)

@@ -67,23 +67,33 @@ def check(
 def simulate(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    ttft_ms: Annotated[float, typer.Option(help="Time to first token, ms.")] = 50.0,
-    tokens_per_s: Annotated[float, typer.Option(help="Decode speed, tokens/s.")] = 200.0,
-    failure_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    profile: Annotated[
+        str, typer.Option(help="vllm-lora | hosted | instant | flaky (flags below override).")
+    ] = "vllm-lora",
+    ttft_ms: Annotated[float | None, typer.Option(help="Time to first token, ms.")] = None,
+    tokens_per_s: Annotated[float | None, typer.Option(help="Decode speed, tokens/s.")] = None,
+    failure_rate: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     model: Annotated[
         list[str] | None, typer.Option(help="Served model names (any if none).")
     ] = None,
 ) -> None:
-    """Run a simulated OpenAI-compatible upstream (vLLM-like)."""
-    from serving.simulated import SimProfile, run_simulated
+    """Run a simulated OpenAI-compatible upstream that answers like vLLM's server."""
+    import msgspec
 
-    profile = SimProfile(
-        ttft_ms=ttft_ms,
-        tokens_per_s=tokens_per_s,
-        failure_rate=failure_rate,
-        models=tuple(model or ()),
+    from serving.simulated import PROFILES, run_simulated
+
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"choose one of {', '.join(PROFILES)}", param_hint="--profile")
+    overrides = {
+        "ttft_ms": ttft_ms,
+        "tokens_per_s": tokens_per_s,
+        "failure_rate": failure_rate,
+        "models": tuple(model) if model else None,
+    }
+    chosen = msgspec.structs.replace(
+        PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}
     )
-    run_simulated(profile, host, port)
+    run_simulated(chosen, host, port)
 
 
 @app.command()

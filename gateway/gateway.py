@@ -75,5 +75,5 @@ def _runtime(name: str, variant: Variant, upstream: Upstream) -> VariantRuntime:
     if system or examples:
         # What the prompt adds to any conversation: its messages minus the reply priming.
         counter = TokenCounter(variant.encoding)
-        injected = counter.messages(shape_chat_messages([], system, examples)) - REPLY_PRIMING
+        injected = counter.chat(shape_chat_messages([], system, examples)) - REPLY_PRIMING
     return VariantRuntime(name, variant, upstream, system, examples, injected)

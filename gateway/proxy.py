@@ -116,7 +116,9 @@ class Call:
         return Response(body, media_type="application/json", status_code=200)
 
     async def _unary(self, payload: bytes) -> tuple[bytes, Usage | None]:
-        opened = await open_call(self.variant.upstream, self.path, payload, self.deadline)
+        opened = await open_call(
+            self.variant.upstream, self.path, payload, self.deadline, stream=False
+        )
         try:
             body = await read_body(opened, self.deadline)
         finally:
@@ -133,7 +135,7 @@ class Call:
         opened: Opened | None = None
         try:
             opened = await self._until_disconnect(
-                open_call(self.variant.upstream, self.path, payload, self.deadline)
+                open_call(self.variant.upstream, self.path, payload, self.deadline, stream=True)
             )
             relay = StreamRelay(
                 opened,

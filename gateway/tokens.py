@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 
+import msgspec
 import tiktoken
 
 log = logging.getLogger("turnout.tokens")
@@ -16,6 +17,7 @@ _OFFLINE_ALIASES = {"cl100k_base": OFFLINE_DEFAULT, OFFLINE_DEFAULT: OFFLINE_DEF
 # Chat framing as OpenAI counts it: tokens per message, and for the reply's priming.
 PER_MESSAGE = 3
 REPLY_PRIMING = 3
+PER_NAME = 1
 
 
 def load_encoding(name: str | None) -> tiktoken.Encoding:
@@ -33,7 +35,7 @@ def load_encoding(name: str | None) -> tiktoken.Encoding:
 
 
 class TokenCounter:
-    """Counts tokens of text and chat messages with one encoding, loaded once."""
+    """Counts tokens of text and chat messages with one encoding, loaded on first use."""
 
     def __init__(self, encoding_name: str | None = None) -> None:
         self._name = encoding_name
@@ -43,31 +45,31 @@ class TokenCounter:
         return load_encoding(self._name)
 
     def text(self, text: str) -> int:
+        """Tokens in plain text; special-token markers count as ordinary text."""
         return len(self.encoding.encode_ordinary(text))
 
     def texts(self, texts: Iterable[str]) -> int:
         return sum(self.text(t) for t in texts)
 
-    def messages(self, messages: Iterable[dict[str, object]]) -> int:
-        """Prompt tokens of chat messages as OpenAI counts them (framing, role, name, text)."""
+    def chat(self, messages: Iterable[Mapping[str, object]]) -> int:
+        """Prompt tokens of chat messages as OpenAI's cookbook counts them."""
         total = REPLY_PRIMING
         for message in messages:
             total += PER_MESSAGE
             for field, value in message.items():
-                if field == "content":
-                    total += self.texts(_text_parts(value))
-                elif isinstance(value, str):
-                    total += self.text(value)
+                total += self._value(value) + (PER_NAME if field == "name" else 0)
         return total
 
+    def _value(self, value: object) -> int:
+        if isinstance(value, str):
+            return self.text(value)
+        if value is None:
+            return 0
+        if isinstance(value, list):
+            return sum(self._part(part) for part in value)
+        return self.text(msgspec.json.encode(value).decode())
 
-def _text_parts(content: object) -> list[str]:
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        return [
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        ]
-    return []
+    def _part(self, part: object) -> int:
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            return self.text(part["text"])
+        return self.text(part) if isinstance(part, str) else 0

@@ -8,7 +8,8 @@ from typing import Any
 
 import msgspec
 
-from serving.sim_text import TokenCounter, seed_of, words
+from gateway.tokens import TokenCounter
+from serving.sim_text import seed_of, words
 
 MAX_TOKENS = 1 << 20
 MAX_CHOICES = 128

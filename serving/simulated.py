@@ -6,11 +6,13 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
 
+from gateway.tokens import TokenCounter
 from serving.sim_requests import (
     Generation,
     SimError,
@@ -20,7 +22,6 @@ from serving.sim_requests import (
     parse_object,
 )
 from serving.sim_responses import completion_body, embedding_body, models_body, stream_steps
-from serving.sim_text import TokenCounter
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,6 +65,20 @@ class _Counters:
         self.generation_tokens = 0
         self.running = 0
         self.success = 0
+
+
+PROFILES: Mapping[str, SimProfile] = MappingProxyType(
+    {
+        # A LoRA adapter on a vLLM GPU replica: quick first token, fast decode.
+        "vllm-lora": SimProfile(ttft_ms=30.0, tokens_per_s=120.0),
+        # A hosted API over the internet: slower first token and decode.
+        "hosted": SimProfile(ttft_ms=250.0, tokens_per_s=60.0),
+        # No delays at all: for benchmarks, where the upstream must never be the bottleneck.
+        "instant": SimProfile(ttft_ms=0.0, tokens_per_s=math.inf),
+        # A flaky upstream: one request in ten fails with a 500.
+        "flaky": SimProfile(ttft_ms=50.0, tokens_per_s=200.0, failure_rate=0.1),
+    }
+)
 
 
 def create_simulated_app(profile: SimProfile) -> ASGIApp:

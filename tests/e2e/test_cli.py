@@ -129,3 +129,38 @@ def test_demo_exits_zero() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "support-ft" in result.stdout and "support-prompted" in result.stdout
     assert "Break-even" in result.stdout
+
+
+def test_simulate_serves_an_openai_compatible_upstream() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [TURNOUT, "simulate", "--port", str(port), "--profile", "instant", "--model", "base"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert [m.id for m in models] == ["base"]
+        reply = client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == 5
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(
+                model="other", messages=[{"role": "user", "content": "x"}]
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_simulate_rejects_unknown_profile() -> None:
+    result = _run("simulate", "--profile", "nope")
+    assert result.returncode != 0 and "--profile" in result.stdout + result.stderr
