@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,11 +10,11 @@ import typer
 from rich.console import Console
 
 from gateway.config_check import SettingsError, check_file, load_settings
+from gateway.serve import CONFIG_ENV, configure_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Turnout LLM gateway.")
 console = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")]
-CONFIG_ENV = "TURNOUT_CONFIG"
 
 
 @app.command()
@@ -28,9 +27,7 @@ def serve(
     """Serve the gateway under uvicorn (uvloop + httptools)."""
     import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     settings = _load_or_exit(config)
     os.environ[CONFIG_ENV] = str(config.resolve())
     uvicorn.run(
