@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SRC := gateway router serving tests
 
-.PHONY: demo test lint typecheck unit clean
+.PHONY: demo test lint typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

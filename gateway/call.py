@@ -47,7 +47,11 @@ class Opened:
     upstream: Upstream
     replica: int
     response: httpx.Response
+    first_byte_by: float  # monotonic time by which a stream's first event must have come
     closed: bool = False
+
+    def first_byte_left(self) -> float:
+        return self.first_byte_by - time.monotonic()
 
     async def aclose(self) -> None:
         """Close the upstream connection and free the replica slot; safe to call twice."""
@@ -67,7 +71,8 @@ async def open_call(
     come only when the whole answer is ready, so they get the total deadline.
     """
     timeouts = upstream.timeouts
-    wait = timeouts.first_byte if stream else timeouts.total
+    wait = deadline.within(timeouts.first_byte if stream else timeouts.total)
+    first_byte_by = time.monotonic() + wait
     replica = upstream.acquire()
     request = upstream.client.build_request(
         "POST",
@@ -83,12 +88,12 @@ async def open_call(
         ),
     )
     try:
-        async with asyncio.timeout(deadline.within(wait)):
+        async with asyncio.timeout(wait):
             response = await upstream.client.send(request, stream=True)
     except BaseException as exc:
         upstream.release(replica)
         raise transport_error(exc, upstream) from None
-    opened = Opened(upstream, replica, response)
+    opened = Opened(upstream, replica, response, first_byte_by)
     if response.status_code >= 400:
         try:
             body = await _read_error_body(response, deadline)

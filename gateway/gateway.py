@@ -27,6 +27,7 @@ class VariantRuntime:
     system: str
     examples: tuple[tuple[str, str], ...]
     injected_tokens: int
+    counter: TokenCounter
 
     @property
     def tuning(self) -> str:
@@ -71,9 +72,9 @@ def _runtime(name: str, variant: Variant, upstream: Upstream) -> VariantRuntime:
     prompt = variant.prompt
     system = prompt.system if prompt else ""
     examples = tuple((e.user, e.assistant) for e in prompt.examples) if prompt else ()
+    counter = TokenCounter(variant.encoding)
     injected = 0
     if system or examples:
         # What the prompt adds to any conversation: its messages minus the reply priming.
-        counter = TokenCounter(variant.encoding)
         injected = counter.chat(shape_chat_messages([], system, examples)) - REPLY_PRIMING
-    return VariantRuntime(name, variant, upstream, system, examples, injected)
+    return VariantRuntime(name, variant, upstream, system, examples, injected, counter)

@@ -45,10 +45,13 @@ class RecordLog:
         self._by_id: dict[str, RequestRecord] = {}
 
     def add(self, record: RequestRecord) -> None:
+        """Keep `record`; the oldest goes when full. A reused request id finds the newest."""
+        if len(self._records) == self._records.maxlen:
+            oldest = self._records[0]
+            if self._by_id.get(oldest.request_id) is oldest:
+                del self._by_id[oldest.request_id]
         self._records.append(record)
         self._by_id[record.request_id] = record
-        while len(self._by_id) > len(self._records):
-            self._by_id.pop(next(iter(self._by_id)))
 
     def get(self, request_id: str) -> RequestRecord | None:
         return self._by_id.get(request_id)

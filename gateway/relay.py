@@ -10,18 +10,21 @@ import anyio
 import msgspec
 
 from gateway.call import Deadline, Opened, transport_error
-from gateway.errors import TurnoutError, UpstreamError
+from gateway.errors import TurnoutError, UpstreamError, scrub
 from gateway.records import Usage, usage_from
 from gateway.sse import DONE, event_data, iter_events
 
 _USAGE_MARK = b'"usage"'
+_ERROR_MARK = b'"error"'
+# After [DONE], read the body's end briefly so the pooled connection can be reused.
+DRAIN_S = 0.25
 
 
 class StreamRelay:
     """Reads events from an opened upstream stream; strips the usage chunk unless it was asked for.
 
-    `first()` is awaited before response headers are sent; iterating yields the buffered first
-    event and then the rest. A failure after the first event becomes a final SSE error event,
+    `first()` is awaited before response headers are sent; iterating yields the buffered
+    events and then the rest. A failure after the first event becomes a final SSE error event,
     with no `[DONE]`. `on_finish` runs exactly once, when the stream ends for any reason.
     """
 
@@ -39,6 +42,7 @@ class StreamRelay:
         self.client_wants_usage = client_wants_usage
         self.injected = injected
         self.usage: Usage | None = None
+        self.relayed: list[bytes] = []  # data payloads sent, for counting when usage is missing
         self.done = False
         self.error: TurnoutError | None = None
         self.client_gone = False
@@ -49,19 +53,21 @@ class StreamRelay:
         self._pending: list[bytes] = []
 
     async def first(self) -> None:
-        """Wait for the first event to send to the client (within the first-byte limit)."""
-        timeouts = self.opened.upstream.timeouts
+        """Wait for the first data event (within the first-byte deadline) and check it."""
         try:
-            async with asyncio.timeout(self.deadline.within(timeouts.first_byte)):
-                while not self._pending:
+            async with asyncio.timeout(max(self.opened.first_byte_left(), 0)):
+                while self.first_event_at is None:
                     event = await self._events.__anext__()
-                    if (kept := self._keep(event)) is not None:
+                    data = event_data(event)
+                    if data:
+                        _raise_if_error(data, self.opened.upstream.secrets)
+                        self.first_event_at = time.perf_counter()
+                    if (kept := self._keep(event, data)) is not None:
                         self._pending.append(kept)
         except StopAsyncIteration:
             raise UpstreamError("The upstream ended the stream before sending any event.") from None
         except BaseException as exc:
             raise transport_error(exc, self.opened.upstream) from None
-        self.first_event_at = time.perf_counter()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -89,39 +95,66 @@ class StreamRelay:
                 mapped = transport_error(exc, self.opened.upstream)
                 self.error = mapped if isinstance(mapped, TurnoutError) else UpstreamError(str(exc))
                 break
-            if (kept := self._keep(event)) is not None:
+            if (kept := self._keep(event, event_data(event))) is not None:
                 yield kept
         if self.error is not None:
             yield b"data: " + _error_json(self.error) + b"\n\n"
 
-    def _keep(self, event: bytes) -> bytes | None:
+    def _keep(self, event: bytes, data: bytes) -> bytes | None:
         """The event to forward, or None to drop it (the usage chunk the client did not ask for)."""
-        data = event_data(event)
         if data == DONE:
             self.done = True
             return event
-        if _USAGE_MARK not in data:
+        if not data:
             return event
+        if _USAGE_MARK in data and (usage := self._usage_of(data)) is not None:
+            self.usage, chunk_is_usage_only = usage
+            if chunk_is_usage_only and not self.client_wants_usage:
+                return None
+        self.relayed.append(data)
+        return event
+
+    def _usage_of(self, data: bytes) -> tuple[Usage, bool] | None:
         try:
             chunk = msgspec.json.decode(data)
         except msgspec.DecodeError:
-            return event
+            return None
         if not isinstance(chunk, dict):
-            return event
+            return None
         usage = usage_from(chunk.get("usage"), self.injected)
-        if usage is not None:
-            self.usage = usage
-            if not self.client_wants_usage and chunk.get("choices") == []:
-                return None
-        return event
+        return None if usage is None else (usage, chunk.get("choices") == [])
 
     async def close(self) -> None:
         """Close the upstream (shielded from the client's cancellation) and finish once."""
         with anyio.CancelScope(shield=True):
+            if self.done and not self.client_gone:
+                await self._drain()
             await self.opened.aclose()
         if not self._finished:
             self._finished = True
             self._on_finish(self)
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                async for _ in self._events:
+                    pass
+        except (TimeoutError, Exception):
+            return
+
+
+def _raise_if_error(data: bytes, secrets: tuple[str, ...]) -> None:
+    """An upstream that reports a failure as its first event has failed before the stream began."""
+    if _ERROR_MARK not in data:
+        return
+    try:
+        chunk = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return
+    if isinstance(chunk, dict) and isinstance(error := chunk.get("error"), dict):
+        message = error.get("message")
+        detail = scrub(message, secrets) if isinstance(message, str) else "no message"
+        raise UpstreamError(f"The upstream reported an error: {detail}")
 
 
 def _error_json(error: TurnoutError) -> bytes:

@@ -35,7 +35,7 @@ SSE_HEADERS = (("content-type", "text/event-stream"), ("cache-control", "no-cach
 MODELS = (
     *("ok", "echo", "garbage", "slow-first-token", "hang", "no-usage", "sliced"),
     *("stream-slow", "stream-cut", "stream-reset", "stream-garbage", "stream-garbage-late"),
-    "no-trailing-newline",
+    *("no-trailing-newline", "slow-first-event", "first-event-error", "keepalive-first"),
 )
 
 # status -> (message, type, param, code); the messages that pass through carry a secret.
@@ -73,6 +73,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     json: Any
+    peer: tuple[str, int] | None = None  # the client's address: one per upstream connection
 
 
 class Recorder:
@@ -190,6 +191,7 @@ async def _http(scope: Scope, receive: Receive, send: Send, recorder: Recorder) 
         headers=_headers(scope),
         body=body,
         json=_parse(body),
+        peer=tuple(scope["client"]) if scope.get("client") else None,
     )
     recorder.received.append(received)
     reply = _Reply(send)
@@ -385,6 +387,14 @@ async def _stream(frames: _Frames, model: str, received: Received, reply: _Reply
     if model == "stream-slow":
         await _stream_slow(frames, wants_usage, reply)
         return
+    if model == "first-event-error":
+        error = {"error": {"message": f"model overloaded {SECRET}", "type": "server_error"}}
+        await reply.body(b"data: " + _dumps(error) + b"\n\n" + DONE, more=False)
+        return
+    if model == "slow-first-event":
+        await asyncio.sleep(FIRST_TOKEN_DELAY_S)
+    if model == "keepalive-first":
+        await reply.body(b": keepalive\n\n", more=True)
     if model == "echo":
         events = [frames.content(received.body.decode("utf-8", "replace"))]
     else:

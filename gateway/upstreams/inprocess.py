@@ -26,12 +26,17 @@ ASGIApp = Callable[
 
 class _BodyStream(httpx.AsyncByteStream):
     def __init__(
-        self, queue: asyncio.Queue[bytes | None], task: asyncio.Task[None], gone: asyncio.Event
+        self,
+        queue: asyncio.Queue[bytes | BaseException | None],
+        task: asyncio.Task[None],
+        gone: asyncio.Event,
     ) -> None:
         self._queue, self._task, self._gone = queue, task, gone
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while (chunk := await self._queue.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise chunk
             yield chunk
 
     async def aclose(self) -> None:
@@ -48,7 +53,7 @@ class InProcessTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         start: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         gone = asyncio.Event()
         sent_request = False
@@ -92,13 +97,15 @@ class InProcessTransport(httpx.AsyncBaseTransport):
         receive: Callable[[], Awaitable[Message]],
         send: Callable[[Message], Awaitable[None]],
         start: asyncio.Future[Message],
-        queue: asyncio.Queue[bytes | None],
+        queue: asyncio.Queue[bytes | BaseException | None],
     ) -> None:
         try:
             await self._app(scope, receive, send)
         except Exception as exc:
+            failure = httpx.RemoteProtocolError(f"in-process upstream failed: {exc!r}")
             if not start.done():
-                start.set_exception(httpx.RemoteProtocolError(f"in-process upstream failed: {exc}"))
+                start.set_exception(failure)
+            queue.put_nowait(failure)  # a body cut short must not read as complete
         finally:
             if not start.done():
                 start.set_exception(

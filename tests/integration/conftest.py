@@ -23,7 +23,7 @@ BEHAVIOURS = [
     "ok", "echo", "error-400", "error-401", "error-403", "error-404", "error-422", "error-429",
     "error-500", "error-503", "garbage", "stream-garbage", "slow-first-token", "hang",
     "stream-slow", "stream-cut", "stream-reset", "stream-garbage-late", "no-usage", "sliced",
-    "no-trailing-newline",
+    "no-trailing-newline", "slow-first-event", "first-event-error", "keepalive-first",
 ]  # fmt: skip
 PROMPT = {
     "system": "You classify tickets.",

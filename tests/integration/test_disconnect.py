@@ -35,6 +35,9 @@ def test_disconnect_mid_stream_closes_upstream(
     assert noticed - left_at < CLOSE_WITHIN_S
     _wait_for(lambda: _records(app, "stream-slow") == [499])
     assert app.gateway.upstreams["hosted"].in_flight == [0]
+    # No usage came: what was relayed is counted, marked as an estimate.
+    record = next(r for r in app.gateway.records if r.variant == "stream-slow")
+    assert record.usage.estimated and record.usage.completion > 0 and record.usage.prompt > 0
 
 
 @pytest.mark.parametrize(("model", "stream"), [("hang", False), ("slow-first-token", True)])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import msgspec
 import openai
 import pytest
 
-from tests.fakes import OK_TEXT, PROMPT_TOKENS, Recorder
+from gateway.app import TurnoutApp
+from gateway.tokens import TokenCounter
+from tests.fakes import OK_PIECES, OK_TEXT, PROMPT_TOKENS, SECRET, Recorder
 from tests.integration.conftest import Upstreams
 
 USER = [{"role": "user", "content": "hi"}]
@@ -137,3 +141,64 @@ def test_failure_before_first_event_is_a_json_error(url: str) -> None:
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["code"] == "upstream_error"
     assert response.headers["x-turnout-variant"] == "error-500"
+
+
+def test_first_byte_deadline_covers_headers_and_first_event(url: str) -> None:
+    # Headers come at once, the first event after 2 s; the fixture's first-byte limit is 1 s.
+    started = time.monotonic()
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "slow-first-event", "messages": USER, "stream": True},
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 1.9
+
+
+def test_error_as_first_event_is_a_json_error(url: str) -> None:
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "first-event-error", "messages": USER, "stream": True},
+    )
+    assert response.status_code == 502
+    assert "model overloaded" in response.json()["error"]["message"]
+    assert SECRET not in response.text
+
+
+def test_comment_before_first_event_is_relayed(url: str) -> None:
+    body = {"model": "keepalive-first", "messages": USER, "stream": True}
+    response, through = _stream_bytes(url + "/v1/chat/completions", body)
+    assert response.status_code == 200
+    assert through.startswith(b": keepalive\n\n")
+    assert through.endswith(b"data: [DONE]\n\n")
+
+
+def test_upstream_connection_is_reused_after_a_stream(url: str, recorder: Recorder) -> None:
+    body = {"model": "ok", "messages": USER, "stream": True}
+    for _ in range(3):
+        _stream_bytes(url + "/v1/chat/completions", body)
+    peers = {r.peer for r in recorder.received}
+    assert len(peers) == 1, peers
+
+
+def test_stream_without_upstream_usage_is_estimated(gateway: tuple[str, TurnoutApp]) -> None:
+    url, app = gateway
+    body = {"model": "no-usage", "messages": USER, "stream": True}
+    response, _ = _stream_bytes(url + "/v1/chat/completions", body)
+    record = app.gateway.records.get(response.headers["x-request-id"])
+    assert record is not None and record.status == 200
+    counter = TokenCounter()
+    assert record.usage.estimated
+    assert record.usage.completion == counter.texts(OK_PIECES)
+    assert record.usage.prompt == counter.chat(USER)
+
+
+def test_reported_usage_is_recorded(gateway: tuple[str, TurnoutApp]) -> None:
+    url, app = gateway
+    response, _ = _stream_bytes(
+        url + "/v1/chat/completions", {"model": "ok", "messages": USER, "stream": True}
+    )
+    record = app.gateway.records.get(response.headers["x-request-id"])
+    assert record is not None and not record.usage.estimated
+    assert (record.usage.prompt, record.usage.completion) == (PROMPT_TOKENS, len(OK_PIECES))
+    assert record.ttft_s is not None and 0 < record.ttft_s <= record.duration_s
