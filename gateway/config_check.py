@@ -16,6 +16,7 @@ import yaml
 from gateway.settings import (
     Key,
     OpenAIUpstream,
+    Records,
     Route,
     Server,
     Settings,
@@ -64,6 +65,7 @@ class _Parts(msgspec.Struct, kw_only=True):
     keys: dict[int, Key] = {}
     server: Server = Server()
     state: State = State()
+    records: Records = Records()
     admin_key_env: str | None = None
     names: dict[str, set[str]] = {}
 
@@ -76,6 +78,7 @@ class _Parts(msgspec.Struct, kw_only=True):
             state=self.state,
             admin_key_env=self.admin_key_env,
             keys=list(self.keys.values()),
+            records=self.records,
         )
 
 
@@ -209,6 +212,7 @@ def _convert_sections(raw: dict[Any, Any], problems: list[Problem]) -> _Parts:
     parts.keys = _convert_keys(raw.get("keys", []), problems)
     parts.server = _convert(raw.get("server", {}), Server, "server", problems) or Server()
     parts.state = _convert(raw.get("state", {}), State, "state", problems) or State()
+    parts.records = _convert(raw.get("records", {}), Records, "records", problems) or Records()
     parts.admin_key_env = _convert(raw.get("admin_key_env"), str | None, "admin_key_env", problems)
     return parts
 

@@ -144,7 +144,7 @@ def _print_results(
             continue
         cost = _cost_per_request(settings, name, rows, elapsed)
         per_request[name] = cost
-        durations = sorted(r.duration_s * 1000 for r in rows)
+        durations = sorted(r.latency.total * 1000 for r in rows)
         table.add_row(
             name,
             rows[0].tuning,

@@ -73,10 +73,8 @@ def stream_texts(payloads: Iterable[bytes]) -> list[str]:
     return texts
 
 
-def estimate(
-    counter: TokenCounter, body: dict[str, Any], completion: Iterable[str], injected: int
-) -> Usage:
-    prompt = prompt_tokens(counter, body)
+def estimate(counter: TokenCounter, prompt: int, completion: Iterable[str], injected: int) -> Usage:
+    """Usage from a prompt count and the completion text, marked as estimated."""
     return Usage(
         prompt=prompt,
         injected=min(injected, prompt),

@@ -17,9 +17,9 @@ from gateway import body as bodies
 from gateway.call import Deadline, Opened, open_call, read_body
 from gateway.context import Message, RequestContext
 from gateway.errors import ClientDisconnected, TurnoutError, UpstreamError
-from gateway.estimate import choice_texts, estimate, stream_texts
+from gateway.estimate import choice_texts, estimate, prompt_tokens, stream_texts
 from gateway.gateway import Gateway, VariantRuntime
-from gateway.records import RequestRecord, Usage, token_cost, usage_from
+from gateway.records import Latency, RequestRecord, Usage, prompt_tax, usage_from
 from gateway.relay import StreamRelay
 
 T = TypeVar("T")
@@ -37,12 +37,24 @@ class Exchange:
         variant: VariantRuntime,
         sent: dict[str, Any],
         receive: Callable[[], Awaitable[Message]],
+        key: str | None = None,
     ) -> None:
         self.gw, self.ctx, self.client, self.variant = gw, ctx, client, variant
         self.sent = sent
         self.receive = receive
+        self.key = key
         self.deadline = Deadline(variant.upstream.timeouts.total)
         self.opened: Opened | None = None
+        self.sent_at: float | None = None  # perf_counter when the upstream call began
+        self.upstream_done_at: float | None = None
+        self._prompt_estimate: int | None = None
+
+    @property
+    def prompt_estimate(self) -> int:
+        """Prompt tokens as sent upstream, counted once (for limits before, estimates after)."""
+        if self._prompt_estimate is None:
+            self._prompt_estimate = prompt_tokens(self.variant.counter, self.sent)
+        return self._prompt_estimate
 
     async def run(self) -> Response[Any]:
         payload = msgspec.json.encode(self.sent)
@@ -51,6 +63,7 @@ class Exchange:
         return await self._unary(payload)
 
     async def _open(self, payload: bytes, *, stream: bool) -> Opened:
+        self.sent_at = time.perf_counter()
         self.opened = await open_call(
             self.variant.upstream, self.client.endpoint, payload, self.deadline, stream=stream
         )
@@ -58,21 +71,21 @@ class Exchange:
 
     async def _unary(self, payload: bytes) -> Response[Any]:
         try:
-            body, usage = await self._until_disconnect(self._unary_call(payload))
+            body, usage, answer = await self._until_disconnect(self._unary_call(payload))
         except BaseException as exc:
             self._record_failure(exc)
             raise
-        cost = token_cost(self.variant.config.price, usage)
-        self.ctx.extra_headers.append((b"x-turnout-cost-usd", f"{cost:.8f}".encode()))
-        self._record(200, usage, None)
+        record = self._record(200, usage, answer=answer)
+        self.ctx.extra_headers.append((b"x-turnout-cost-usd", f"{record.cost_usd:.8f}".encode()))
         return Response(body, media_type="application/json", status_code=200)
 
-    async def _unary_call(self, payload: bytes) -> tuple[bytes, Usage]:
+    async def _unary_call(self, payload: bytes) -> tuple[bytes, Usage, Any]:
         opened = await self._open(payload, stream=False)
         try:
             body = await read_body(opened, self.deadline)
         finally:
             await opened.aclose()
+        self.upstream_done_at = time.perf_counter()
         try:
             parsed = msgspec.json.decode(body)
         except msgspec.DecodeError:
@@ -80,7 +93,7 @@ class Exchange:
         if not isinstance(parsed, dict):
             raise UpstreamError("The upstream answered with JSON that is not an object.")
         usage = usage_from(parsed.get("usage"), self.variant.injected_tokens)
-        return body, usage or self._estimate(choice_texts(parsed))
+        return body, usage or self._estimate(choice_texts(parsed)), parsed
 
     async def _stream(self, payload: bytes) -> Response[Any]:
         try:
@@ -91,6 +104,7 @@ class Exchange:
                 client_wants_usage=self.client.include_usage,
                 injected=self.variant.injected_tokens,
                 on_finish=self._finish_stream,
+                cost_of=self._cost_now,
             )
             await self._until_disconnect(relay.first())
         except BaseException as exc:
@@ -105,12 +119,17 @@ class Exchange:
         )
 
     def _finish_stream(self, relay: StreamRelay) -> None:
-        ttft = None
-        if relay.first_event_at is not None:
-            ttft = relay.first_event_at - self.ctx.started
+        self.upstream_done_at = relay.last_event_at or time.perf_counter()
         status = 499 if relay.client_gone else relay.error.status if relay.error else 200
         usage = relay.usage or self._estimate(stream_texts(relay.relayed))
-        self._record(status, usage, ttft, error=relay.error)
+        answer = stream_texts(relay.relayed) if self.gw.settings.records.content else None
+        self._record(
+            status,
+            usage,
+            error=relay.error,
+            first_event_at=relay.first_event_at,
+            answer=answer,
+        )
 
     async def _until_disconnect(self, work: Awaitable[T]) -> T:
         """Run `work`, cancelling it (and closing the upstream) if the client goes away first.
@@ -141,34 +160,73 @@ class Exchange:
                 await self.opened.aclose()
 
     def _estimate(self, completion: Sequence[str]) -> Usage:
-        return estimate(self.variant.counter, self.sent, completion, self.variant.injected_tokens)
+        return estimate(
+            self.variant.counter, self.prompt_estimate, completion, self.variant.injected_tokens
+        )
+
+    def _cost_now(self, usage: Usage) -> float:
+        """The request's cost if it ended now (for the usage object of a stream)."""
+        return self.gw.cost(self.variant, self._replica(), usage, self._span(time.perf_counter()))
+
+    def _replica(self) -> int | None:
+        return self.opened.replica if self.opened is not None else None
+
+    def _span(self, end: float) -> tuple[float, float]:
+        return (self.sent_at if self.sent_at is not None else self.ctx.started, end)
 
     def _record_failure(self, exc: BaseException) -> None:
         """An upstream that refused the request used no tokens; a client that left may have."""
         if isinstance(exc, TurnoutError) and not isinstance(exc, ClientDisconnected):
-            self._record(exc.status, Usage(), None, error=exc)
+            self._record(exc.status, Usage(), error=exc)
         else:
-            self._record(499, self._estimate(()), None, error=exc)
+            self._record(499, self._estimate(()), error=exc)
 
     def _record(
-        self, status: int, usage: Usage, ttft: float | None, error: BaseException | None = None
-    ) -> None:
-        elapsed = time.perf_counter() - self.ctx.started
-        self.gw.records.add(
-            RequestRecord(
-                request_id=self.ctx.request_id,
-                route=self.client.model,
-                variant=self.variant.name,
-                upstream=self.variant.upstream.name,
-                tuning=self.variant.tuning,
-                endpoint=self.client.endpoint,
-                stream=self.client.stream,
-                status=status,
-                started_at=time.time() - elapsed,
-                duration_s=elapsed,
-                ttft_s=ttft,
-                usage=usage,
-                cost_usd=token_cost(self.variant.config.price, usage),
-                error=type(error).__name__ if error else None,
-            )
+        self,
+        status: int,
+        usage: Usage,
+        *,
+        error: BaseException | None = None,
+        first_event_at: float | None = None,
+        answer: Any = None,
+    ) -> RequestRecord:
+        now = time.perf_counter()
+        price = self.variant.config.price
+        record = RequestRecord(
+            request_id=self.ctx.request_id,
+            time=time.time() - (now - self.ctx.started),
+            key=self.key,
+            route=self.client.model,
+            variant=self.variant.name,
+            upstream=self.variant.upstream.name,
+            replica=self._replica(),
+            tuning=self.variant.tuning,
+            endpoint=self.client.endpoint,
+            stream=self.client.stream,
+            status=status,
+            latency=self._latency(now, usage, first_event_at),
+            usage=usage,
+            cost_usd=self.gw.cost(self.variant, self._replica(), usage, self._span(now)),
+            prompt_tax_usd=prompt_tax(price, usage),
+            error=type(error).__name__ if error else None,
+            content=self._content(answer),
         )
+        self.gw.account(record)
+        return record
+
+    def _latency(self, now: float, usage: Usage, first_event_at: float | None) -> Latency:
+        total = now - self.ctx.started
+        upstream = 0.0
+        if self.sent_at is not None:
+            upstream = (self.upstream_done_at or now) - self.sent_at
+        latency = Latency(total=total, upstream=upstream, overhead=max(total - upstream, 0.0))
+        if first_event_at is not None:
+            latency.ttft = first_event_at - self.ctx.started
+            if usage.completion >= 2 and self.upstream_done_at is not None:
+                latency.tpot = (self.upstream_done_at - first_event_at) / (usage.completion - 1)
+        return latency
+
+    def _content(self, answer: Any) -> dict[str, object] | None:
+        if not self.gw.settings.records.content:
+            return None
+        return {"request": self.sent, "response": answer}

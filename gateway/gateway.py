@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.auth import KeyRing
-from gateway.records import RecordLog
+from gateway.records import RecordLog, RequestRecord, Usage, token_cost
 from gateway.settings import Route, Settings, Variant
 from gateway.tokens import REPLY_PRIMING, TokenCounter
 from gateway.upstreams import Upstream, build_upstream
@@ -58,6 +58,17 @@ class Gateway:
 
     def route(self, name: str) -> Route | None:
         return self.settings.routes.get(name)
+
+    def cost(
+        self, variant: VariantRuntime, replica: int | None, usage: Usage, span: tuple[float, float]
+    ) -> float:
+        """Dollars for one request: tokens times price for priced variants, else its share of
+        the GPU time of the replica that served it (`span`: perf_counter start and end)."""
+        return token_cost(variant.config.price, usage)
+
+    def account(self, record: RequestRecord) -> None:
+        """Keep a finished request's record (and, from there, its metrics)."""
+        self.records.add(record)
 
     def degraded(self) -> list[str]:
         """Parts that are not fully working, named for `/readyz` (health checks fill this)."""

@@ -41,7 +41,8 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     name = choose_variant(client.model, list(route.split.items()), subject, gw.rand.random)
     ctx.variant = name
     variant = gw.variants[name]
-    exchange = Exchange(gw, ctx, client, variant, shape(client, variant), receive)
+    sent = shape(client, variant)
+    exchange = Exchange(gw, ctx, client, variant, sent, receive, key.name if key else None)
     return await exchange.run()
 
 

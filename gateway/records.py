@@ -11,17 +11,36 @@ from gateway.settings import Price
 
 
 class Usage(msgspec.Struct, kw_only=True):
-    """Tokens of one request; `injected` is the part of `prompt` that Turnout added."""
+    """Tokens of one request. `injected` is the part of `prompt` that Turnout added, `cached`
+    the part the upstream served from its prompt cache; `reasoning` is part of `completion`.
+    `estimated` is true when the upstream gave no usage and tiktoken counted instead."""
 
     prompt: int = 0
     injected: int = 0
     completion: int = 0
     cached: int = 0
+    reasoning: int = 0
     estimated: bool = False
 
 
-class RequestRecord(msgspec.Struct, kw_only=True):
+class Latency(msgspec.Struct, kw_only=True):
+    """Seconds. `upstream`: from sending upstream to its last byte; `overhead` = total - upstream.
+    `ttft`: until the first event reached the client (streams); `tpot`: per output token after
+    the first (streams with two or more completion tokens)."""
+
+    total: float
+    upstream: float = 0.0
+    overhead: float = 0.0
+    ttft: float | None = None
+    tpot: float | None = None
+
+
+class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One request, compact; never prompts, answers or keys (only the key's name) unless
+    `records.content` is on, in which case `content` holds {"request": …, "response": …}."""
+
     request_id: str
+    time: float  # unix seconds at arrival
     route: str
     variant: str
     upstream: str
@@ -29,12 +48,15 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     endpoint: str
     stream: bool
     status: int
-    started_at: float
-    duration_s: float
-    ttft_s: float | None = None
+    latency: Latency
+    key: str | None = None
+    replica: int | None = None
     usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float = 0.0
+    prompt_tax_usd: float = 0.0  # the part of cost_usd paid for injected prompt tokens
     error: str | None = None
+    shadow_of: str | None = None  # set on a shadow request: the primary's request_id
+    content: dict[str, object] | None = None
 
 
 class RecordLog:
@@ -87,11 +109,21 @@ def usage_from(payload: object, injected: int) -> Usage | None:
     completion = payload.get("completion_tokens", 0)
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
-    details = payload.get("prompt_tokens_details")
-    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
     return Usage(
         prompt=prompt,
         injected=min(injected, prompt),
         completion=completion,
-        cached=cached if isinstance(cached, int) else 0,
+        cached=_detail(payload, "prompt_tokens_details", "cached_tokens"),
+        reasoning=_detail(payload, "completion_tokens_details", "reasoning_tokens"),
     )
+
+
+def _detail(payload: dict[str, object], group: str, name: str) -> int:
+    details = payload.get(group)
+    value = details.get(name, 0) if isinstance(details, dict) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def prompt_tax(price: Price | None, usage: Usage) -> float:
+    """Dollars paid for the prompt tokens Turnout injected (at the uncached input rate)."""
+    return 0.0 if price is None else usage.injected * price.input_per_mtok / 1_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import msgspec
@@ -26,6 +27,7 @@ class StreamRelay:
     `first()` is awaited before response headers are sent; iterating yields the buffered
     events and then the rest. A failure after the first event becomes a final SSE error event,
     with no `[DONE]`. `on_finish` runs exactly once, when the stream ends for any reason.
+    When the client asked for usage, the usage chunk gains `usage.cost_usd` from `cost_of`.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class StreamRelay:
         client_wants_usage: bool,
         injected: int,
         on_finish: Callable[[StreamRelay], None],
+        cost_of: Callable[[Usage], float],
     ) -> None:
         self.opened = opened
         self.deadline = deadline
@@ -47,7 +50,9 @@ class StreamRelay:
         self.error: TurnoutError | None = None
         self.client_gone = False
         self.first_event_at: float | None = None
+        self.last_event_at: float | None = None
         self._on_finish = on_finish
+        self._cost_of = cost_of
         self._finished = False
         self._events = iter_events(opened.response.aiter_bytes())
         self._pending: list[bytes] = []
@@ -95,6 +100,7 @@ class StreamRelay:
                 mapped = transport_error(exc, self.opened.upstream)
                 self.error = mapped if isinstance(mapped, TurnoutError) else UpstreamError(str(exc))
                 break
+            self.last_event_at = time.perf_counter()
             if (kept := self._keep(event, event_data(event))) is not None:
                 yield kept
         if self.error is not None:
@@ -107,14 +113,16 @@ class StreamRelay:
             return event
         if not data:
             return event
-        if _USAGE_MARK in data and (usage := self._usage_of(data)) is not None:
-            self.usage, chunk_is_usage_only = usage
-            if chunk_is_usage_only and not self.client_wants_usage:
-                return None
+        if _USAGE_MARK in data and (found := self._usage_of(data)) is not None:
+            self.usage, chunk = found
+            if chunk.get("choices") == []:
+                if not self.client_wants_usage:
+                    return None
+                return self._with_cost(event, chunk, self.usage)
         self.relayed.append(data)
         return event
 
-    def _usage_of(self, data: bytes) -> tuple[Usage, bool] | None:
+    def _usage_of(self, data: bytes) -> tuple[Usage, dict[str, Any]] | None:
         try:
             chunk = msgspec.json.decode(data)
         except msgspec.DecodeError:
@@ -122,7 +130,13 @@ class StreamRelay:
         if not isinstance(chunk, dict):
             return None
         usage = usage_from(chunk.get("usage"), self.injected)
-        return None if usage is None else (usage, chunk.get("choices") == [])
+        return None if usage is None else (usage, chunk)
+
+    def _with_cost(self, event: bytes, chunk: dict[str, Any], usage: Usage) -> bytes:
+        """The usage chunk re-encoded with `cost_usd` added to its usage object."""
+        chunk["usage"]["cost_usd"] = round(self._cost_of(usage), 10)
+        ending = event[len(event.rstrip(b"\r\n")) :] or b"\n\n"
+        return b"data: " + msgspec.json.encode(chunk) + ending
 
     async def close(self) -> None:
         """Close the upstream (shielded from the client's cancellation) and finish once."""

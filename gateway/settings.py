@@ -41,8 +41,12 @@ class Pool(Strict, frozen=True):
 
 
 class Gpu(Strict, frozen=True):
+    """What one replica's GPUs cost, busy or idle; prefill_factor weighs a prompt token
+    against a generated one when a replica's busy time is shared among requests."""
+
     hourly_usd: NonNegFloat
     count: PositiveInt = 1
+    prefill_factor: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.1
 
 
 class Serve(Strict, frozen=True):
@@ -152,6 +156,14 @@ class Key(Strict, frozen=True):
     disabled: bool = False
 
 
+class Records(Strict, frozen=True):
+    """Request records: a ring buffer in the state store, optionally JSON lines in a file."""
+
+    capacity: PositiveInt = 100_000
+    file: str | None = None
+    content: bool = False  # store prompts and answers too (off: never)
+
+
 class Settings(Strict, frozen=True):
     upstreams: dict[str, Upstream]
     variants: dict[str, Variant]
@@ -160,3 +172,4 @@ class Settings(Strict, frozen=True):
     state: State = State()
     admin_key_env: str | None = None
     keys: list[Key] = []
+    records: Records = Records()
