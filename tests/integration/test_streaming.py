@@ -209,4 +209,8 @@ def test_reported_usage_is_recorded(gateway: tuple[str, TurnoutApp]) -> None:
     record = app.gateway.records.get(response.headers["x-request-id"])
     assert record is not None and not record.usage.estimated
     assert (record.usage.prompt, record.usage.completion) == (PROMPT_TOKENS, len(OK_PIECES))
-    assert record.ttft_s is not None and 0 < record.ttft_s <= record.duration_s
+    latency = record.latency
+    assert latency.ttft is not None and 0 < latency.ttft <= latency.total
+    assert latency.tpot is not None and latency.tpot >= 0
+    assert latency.upstream > 0 and latency.overhead >= 0
+    assert latency.upstream + latency.overhead == pytest.approx(latency.total)

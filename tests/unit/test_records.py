@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.records import RecordLog, RequestRecord, Usage, token_cost, usage_from
+from gateway.records import Latency, RecordLog, RequestRecord, Usage, token_cost, usage_from
 from gateway.settings import Price
 
 
 def _record(request_id: str, status: int = 200) -> RequestRecord:
     return RequestRecord(
         request_id=request_id, route="r", variant="v", upstream="u", tuning="prompted",
-        endpoint="/chat/completions", stream=False, status=status, started_at=0.0, duration_s=0.1,
+        endpoint="/chat/completions", stream=False, status=status, time=0.0,
+        latency=Latency(total=0.1),
     )  # fmt: skip
 
 
