@@ -51,9 +51,11 @@ class Exchange:
 
     @property
     def prompt_estimate(self) -> int:
-        """Prompt tokens as sent upstream, counted once (for limits before, estimates after)."""
+        """Prompt tokens before the call, for limits: the client's own text, encoded once, plus
+        the variant's injected prompt, counted once at start."""
         if self._prompt_estimate is None:
-            self._prompt_estimate = prompt_tokens(self.variant.counter, self.sent)
+            own = prompt_tokens(self.variant.counter, self.client.body)
+            self._prompt_estimate = own + self.variant.injected_tokens
         return self._prompt_estimate
 
     async def run(self) -> Response[Any]:
@@ -160,9 +162,9 @@ class Exchange:
                 await self.opened.aclose()
 
     def _estimate(self, completion: Sequence[str]) -> Usage:
-        return estimate(
-            self.variant.counter, self.prompt_estimate, completion, self.variant.injected_tokens
-        )
+        """Usage counted with tiktoken: the prompt as sent upstream, the completion relayed."""
+        prompt = prompt_tokens(self.variant.counter, self.sent)
+        return estimate(self.variant.counter, prompt, completion, self.variant.injected_tokens)
 
     def _cost_now(self, usage: Usage) -> float:
         """The request's cost if it ended now (for the usage object of a stream)."""

@@ -22,6 +22,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SECRET = "sk-live-SECRET123456"
 PROMPT_TOKENS = 7
 EMBEDDING_PROMPT_TOKENS = 3
+CACHED_TOKENS = 4  # reported by `detailed-usage`
+REASONING_TOKENS = 2
 OK_PIECES = ("Hel", "lo from ", "fake")
 OK_TEXT = "".join(OK_PIECES)
 CREATED = 1_700_000_000
@@ -36,6 +38,7 @@ MODELS = (
     *("ok", "echo", "garbage", "slow-first-token", "hang", "no-usage", "sliced"),
     *("stream-slow", "stream-cut", "stream-reset", "stream-garbage", "stream-garbage-late"),
     *("no-trailing-newline", "slow-first-event", "first-event-error", "keepalive-first"),
+    "detailed-usage",
 )
 
 # status -> (message, type, param, code); the messages that pass through carry a secret.
@@ -334,16 +337,20 @@ async def _complete(kind: str, received: Received, model: str, reply: _Reply) ->
         envelope = {"id": "cmpl-fake", "object": "text_completion"}
     choice |= {"logprobs": None, "finish_reason": "stop"}
     answer = envelope | {"created": CREATED, "model": model, "choices": [choice]}
-    data = _dumps(answer | {"usage": _usage(tokens)})
+    data = _dumps(answer | {"usage": _usage(tokens, model)})
     await reply.raw_json(200, data, sliced=model == "sliced")
 
 
-def _usage(completion_tokens: int) -> dict[str, int]:
-    return {
+def _usage(completion_tokens: int, model: str = "") -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": PROMPT_TOKENS,
         "completion_tokens": completion_tokens,
         "total_tokens": PROMPT_TOKENS + completion_tokens,
     }
+    if model == "detailed-usage":
+        usage["prompt_tokens_details"] = {"cached_tokens": CACHED_TOKENS}
+        usage["completion_tokens_details"] = {"reasoning_tokens": REASONING_TOKENS}
+    return usage
 
 
 class _Frames:
@@ -368,7 +375,7 @@ class _Frames:
         return self._frame([{"index": 0, **end, "logprobs": None, "finish_reason": "stop"}])
 
     def usage(self, completion_tokens: int) -> bytes:
-        return self._frame([], usage=_usage(completion_tokens))
+        return self._frame([], usage=_usage(completion_tokens, self._model))
 
     def _frame(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         obj = "chat.completion.chunk" if self._chat else "text_completion"
