@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.auth import KeyRing
 from gateway.records import RecordLog, RequestRecord, Usage, token_cost
 from gateway.settings import Route, Settings, Variant
-from gateway.tokens import REPLY_PRIMING, TokenCounter
+from gateway.tokens import OFFLINE_DEFAULT, REPLY_PRIMING, TokenCounter
 from gateway.upstreams import Upstream, build_upstream
 from router.shaping import shape_chat_messages
 
@@ -55,6 +55,7 @@ class Gateway:
             log.warning(
                 "no client keys configured: this gateway is OPEN to anyone who can reach it"
             )
+        _warn_inexact_tokenizers(self.variants.values())
 
     def route(self, name: str) -> Route | None:
         return self.settings.routes.get(name)
@@ -79,11 +80,24 @@ class Gateway:
             await upstream.aclose()
 
 
+def _warn_inexact_tokenizers(variants: Iterable[VariantRuntime]) -> None:
+    """Say once which variants are estimated with a tokenizer that is not their model's own."""
+    inexact = sorted(v.name for v in variants if v.config.encoding is None)
+    if inexact:
+        log.warning(
+            "token estimates for %s use %s, not their models' own tokenizers (set `encoding` "
+            "per variant); estimates are used only when an upstream reports no usage",
+            ", ".join(inexact),
+            OFFLINE_DEFAULT,
+        )
+
+
 def _runtime(name: str, variant: Variant, upstream: Upstream) -> VariantRuntime:
     prompt = variant.prompt
     system = prompt.system if prompt else ""
     examples = tuple((e.user, e.assistant) for e in prompt.examples) if prompt else ()
     counter = TokenCounter(variant.encoding)
+    counter.text("")  # load the encoding now (warning about an unknown name), not on a request
     injected = 0
     if system or examples:
         # What the prompt adds to any conversation: its messages minus the reply priming.
