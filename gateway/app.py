@@ -6,13 +6,14 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 
-from gateway.context import Receive, Scope, Send, with_request_context
+from gateway.context import Receive, Scope, Send, context_of, with_request_context
 from gateway.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -22,6 +23,7 @@ from gateway.errors import (
 )
 from gateway.gateway import Gateway
 from gateway.handlers import ROUTES
+from gateway.proxy import EDGE, STAGE
 from gateway.settings import Settings
 
 log = logging.getLogger("turnout")
@@ -49,6 +51,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         try:
+            await gw.start()
             yield
         finally:
             await gw.aclose()
@@ -59,7 +62,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app = Litestar(
         route_handlers=ROUTES,
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
-        exception_handlers={Exception: render_error},
+        exception_handlers={Exception: partial(render_error, gw)},
         lifespan=[lifespan],
         request_max_body_size=None,
         openapi_config=None,
@@ -76,9 +79,13 @@ _HTTP_ERRORS: dict[int, type[TurnoutError]] = {
 }
 
 
-def render_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    """The one place that turns an exception into an OpenAI-shaped error response."""
+def render_error(gw: Gateway, request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The one place that turns an exception into an OpenAI-shaped error response. An API call
+    refused at the edge, before an exchange recorded it, is counted in the metrics here."""
     error = as_turnout_error(exc)
+    if request.state.get(STAGE) == EDGE:
+        ctx = context_of(request.scope)  # type: ignore[arg-type]
+        gw.account_rejected(error.status, ctx.route, ctx.variant)
     if error.status >= 500 and not isinstance(exc, TurnoutError):
         log.exception("unhandled error", exc_info=exc)
     return Response(

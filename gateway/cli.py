@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from gateway.config_check import SettingsError, check_file, load_settings
-from gateway.serve import CONFIG_ENV, configure_logging
+from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Turnout LLM gateway.")
 console = Console(stderr=True)
@@ -30,19 +30,20 @@ def serve(
     configure_logging()
     settings = _load_or_exit(config)
     os.environ[CONFIG_ENV] = str(config.resolve())
-    uvicorn.run(
-        "gateway.serve:app_from_env",
-        factory=True,
-        host=host or settings.server.host,
-        port=settings.server.port if port is None else port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="info",
-        timeout_graceful_shutdown=10,
-    )
+    with shared_metrics(workers):
+        uvicorn.run(
+            "gateway.serve:app_from_env",
+            factory=True,
+            host=host or settings.server.host,
+            port=settings.server.port if port is None else port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="info",
+            timeout_graceful_shutdown=10,
+        )
 
 
 @app.command()

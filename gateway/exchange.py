@@ -168,7 +168,8 @@ class Exchange:
 
     def _cost_now(self, usage: Usage) -> float:
         """The request's cost if it ended now (for the usage object of a stream)."""
-        return self.gw.cost(self.variant, self._replica(), usage, self._span(time.perf_counter()))
+        span = self._span(time.perf_counter())
+        return self.gw.cost(self.variant, self._replica(), usage, span, settle=False)
 
     def _replica(self) -> int | None:
         return self.opened.replica if self.opened is not None else None

@@ -7,9 +7,15 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
 from gateway.auth import KeyRing
-from gateway.records import RecordLog, RequestRecord, Usage, token_cost
-from gateway.settings import Route, Settings, Variant
+from gateway.gpu_meter import GpuMeter
+from gateway.metrics import MULTIPROC_ENV, Metrics
+from gateway.record_store import RecordKeeper, connect_redis, open_record_store
+from gateway.records import RequestRecord, Usage, token_cost
+from gateway.settings import Route, Settings, SimulatedUpstream, Variant, VllmUpstream
 from gateway.tokens import OFFLINE_DEFAULT, REPLY_PRIMING, TokenCounter
 from gateway.upstreams import Upstream, build_upstream
 from router.shaping import shape_chat_messages
@@ -41,7 +47,14 @@ class Gateway:
         self.settings = settings
         self.keys = KeyRing(settings.keys)
         self.admin_key = environ.get(settings.admin_key_env or "") or None
-        self.records = RecordLog()
+        self.redis: Redis | None = None  # the shared state store, connected by start()
+        self.records: RecordKeeper = open_record_store(settings, None)
+        self.metrics = Metrics(
+            CollectorRegistry(),
+            routes=settings.routes,
+            upstream_of={name: v.upstream for name, v in settings.variants.items()},
+            multiprocess_dir=environ.get(MULTIPROC_ENV) or None,
+        )
         self.rand = random.Random()
         self.upstreams = {
             name: build_upstream(name, config, environ)
@@ -51,6 +64,7 @@ class Gateway:
             name: _runtime(name, variant, self.upstreams[variant.upstream])
             for name, variant in settings.variants.items()
         }
+        self.meters = _meters(settings)
         if self.keys.open:
             log.warning(
                 "no client keys configured: this gateway is OPEN to anyone who can reach it"
@@ -61,23 +75,58 @@ class Gateway:
         return self.settings.routes.get(name)
 
     def cost(
-        self, variant: VariantRuntime, replica: int | None, usage: Usage, span: tuple[float, float]
+        self,
+        variant: VariantRuntime,
+        replica: int | None,
+        usage: Usage,
+        span: tuple[float, float],
+        *,
+        settle: bool = True,
     ) -> float:
         """Dollars for one request: tokens times price for priced variants, else its share of
-        the GPU time of the replica that served it (`span`: perf_counter start and end)."""
-        return token_cost(variant.config.price, usage)
+        the GPU time of the replica that served it (`span`: perf_counter start and end; 0.0
+        without a `gpu` section). `settle=False` quotes without remembering the request: the
+        final figure is settled once, when the request is recorded."""
+        if variant.config.price is not None:
+            return token_cost(variant.config.price, usage)
+        meter = self.meters.get(variant.config.upstream)
+        if meter is None or replica is None:
+            return 0.0
+        # Cached prompt tokens skip prefill. A recorded request has left in_flight already;
+        # a quoted one has not.
+        prompt = usage.prompt - min(usage.cached, usage.prompt)
+        running = variant.upstream.in_flight[replica] - (0 if settle else 1)
+        charge = meter.settle if settle else meter.quote
+        return charge(replica, span, prompt, usage.completion, running=running)
 
     def account(self, record: RequestRecord) -> None:
         """Keep a finished request's record (and, from there, its metrics)."""
         self.records.add(record)
+        self.metrics.observe(record)
+
+    def account_rejected(self, status: int, route: str | None, variant: str | None) -> None:
+        """Count an API call refused before an exchange took it (it leaves no record)."""
+        self.metrics.rejected(status, route, variant)
 
     def degraded(self) -> list[str]:
         """Parts that are not fully working, named for `/readyz` (health checks fill this)."""
         return []
 
+    async def start(self) -> None:
+        """Connect the shared state store (if configured) and start the record writers."""
+        url = self.settings.state.redis_url
+        if url is not None:
+            self.redis = connect_redis(url)
+            self.records = open_record_store(self.settings, self.redis)
+        await self.records.start()
+
     async def aclose(self) -> None:
+        await self.records.aclose()  # flushes pending records to Redis and the file
+        if self.redis is not None:
+            await self.redis.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        self.metrics.close()
 
 
 def _warn_inexact_tokenizers(variants: Iterable[VariantRuntime]) -> None:
@@ -90,6 +139,17 @@ def _warn_inexact_tokenizers(variants: Iterable[VariantRuntime]) -> None:
             ", ".join(inexact),
             OFFLINE_DEFAULT,
         )
+
+
+def _meters(settings: Settings) -> dict[str, GpuMeter]:
+    """A GPU meter per upstream that has a `gpu` section, sized to its replicas."""
+    meters: dict[str, GpuMeter] = {}
+    for name, config in settings.upstreams.items():
+        if isinstance(config, VllmUpstream) and config.gpu is not None:
+            meters[name] = GpuMeter(config.gpu, len(config.urls))
+        elif isinstance(config, SimulatedUpstream) and config.gpu is not None:
+            meters[name] = GpuMeter(config.gpu, 1)
+    return meters
 
 
 def _runtime(name: str, variant: Variant, upstream: Upstream) -> VariantRuntime:

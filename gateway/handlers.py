@@ -52,7 +52,7 @@ async def request_record(
 ) -> Response[bytes]:
     """One request's record (admin key)."""
     check_admin(request.headers.get("authorization"), gw.admin_key)
-    record = gw.records.get(request_id)
+    record = await gw.records.get(request_id)
     if record is None:
         raise NotFound(f"No record for request `{request_id}`.", param="request_id")
     return Response(msgspec.json.encode(record), media_type="application/json")
@@ -70,4 +70,15 @@ async def readyz(gw: GatewayDep) -> Response[dict[str, Any]]:
     return Response({"status": status, "degraded": degraded}, status_code=200)
 
 
-ROUTES = [chat_completions, completions, embeddings, models, request_record, healthz, readyz]
+@get("/metrics")
+async def metrics(gw: GatewayDep) -> Response[bytes]:
+    """Prometheus text, every worker merged. No auth, as usual for /metrics: keep it off the
+    public internet (scrape it on an internal port or network policy)."""
+    text, content_type = gw.metrics.render()
+    return Response(text, headers={"content-type": content_type})  # as is: it has its charset
+
+
+ROUTES = [
+    *(chat_completions, completions, embeddings, models, request_record),
+    *(healthz, readyz, metrics),
+]

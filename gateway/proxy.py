@@ -16,9 +16,15 @@ from gateway.gateway import Gateway, VariantRuntime
 from router.selection import choose_variant, sticky_subject
 from router.shaping import PromptShapeError, shape_chat_messages, shape_completion
 
+# request.state key: EDGE while proxy() checks a call, EXCHANGE once an Exchange records it.
+# The error renderer counts the calls that failed at the edge (they leave no record).
+STAGE = "turnout_stage"
+EDGE, EXCHANGE = "edge", "exchange"
+
 
 async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> Response[Any]:
     """Handle one OpenAI API call end to end."""
+    request.state[STAGE] = EDGE
     ctx = context_of(request.scope)  # type: ignore[arg-type]
     key = gw.keys.authenticate(request.headers.get("authorization"))
     receive = cast(Receive, request.receive)
@@ -43,6 +49,7 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     variant = gw.variants[name]
     sent = shape(client, variant)
     exchange = Exchange(gw, ctx, client, variant, sent, receive, key.name if key else None)
+    request.state[STAGE] = EXCHANGE
     return await exchange.run()
 
 

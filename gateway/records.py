@@ -1,9 +1,6 @@
-"""Request records: what each request cost and how long it took, kept for reports and the demo."""
+"""Request records: what each request cost and how long it took (kept by gateway.record_store)."""
 
 from __future__ import annotations
-
-from collections import deque
-from collections.abc import Iterator
 
 import msgspec
 
@@ -57,32 +54,6 @@ class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     shadow_of: str | None = None  # set on a shadow request: the primary's request_id
     content: dict[str, object] | None = None
-
-
-class RecordLog:
-    """The most recent records in memory (bounded)."""
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._records: deque[RequestRecord] = deque(maxlen=capacity)
-        self._by_id: dict[str, RequestRecord] = {}
-
-    def add(self, record: RequestRecord) -> None:
-        """Keep `record`; the oldest goes when full. A reused request id finds the newest."""
-        if len(self._records) == self._records.maxlen:
-            oldest = self._records[0]
-            if self._by_id.get(oldest.request_id) is oldest:
-                del self._by_id[oldest.request_id]
-        self._records.append(record)
-        self._by_id[record.request_id] = record
-
-    def get(self, request_id: str) -> RequestRecord | None:
-        return self._by_id.get(request_id)
-
-    def __iter__(self) -> Iterator[RequestRecord]:
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
 
 
 def token_cost(price: Price | None, usage: Usage) -> float:

@@ -23,7 +23,10 @@ class Server(Strict, frozen=True):
 
 
 class State(Strict, frozen=True):
+    """Shared state: in-process when `redis_url` is null; else Redis keys under `key_prefix`."""
+
     redis_url: str | None = None
+    key_prefix: Annotated[str, msgspec.Meta(max_length=64)] = "turnout:"
 
 
 class Timeouts(Strict, frozen=True):
@@ -162,6 +165,7 @@ class Records(Strict, frozen=True):
     capacity: PositiveInt = 100_000
     file: str | None = None
     content: bool = False  # store prompts and answers too (off: never)
+    lookup_ttl_s: PositiveInt = 86_400  # with Redis: how long a record can be found by its id
 
 
 class Settings(Strict, frozen=True):

@@ -40,7 +40,7 @@ def served(upstreams: Upstreams) -> Iterator[tuple[str, TurnoutApp]]:
 
 
 def _record(app: TurnoutApp, request_id: str) -> RequestRecord:
-    record = app.gateway.records.get(request_id)
+    record = app.gateway.records.find(request_id)
     assert record is not None, f"no record for {request_id}"
     return record
 

@@ -193,7 +193,7 @@ def test_stream_without_upstream_usage_is_estimated(gateway: tuple[str, TurnoutA
     url, app = gateway
     body = {"model": "no-usage", "messages": USER, "stream": True}
     response, _ = _stream_bytes(url + "/v1/chat/completions", body)
-    record = app.gateway.records.get(response.headers["x-request-id"])
+    record = app.gateway.records.find(response.headers["x-request-id"])
     assert record is not None and record.status == 200
     counter = TokenCounter()
     assert record.usage.estimated
@@ -206,7 +206,7 @@ def test_reported_usage_is_recorded(gateway: tuple[str, TurnoutApp]) -> None:
     response, _ = _stream_bytes(
         url + "/v1/chat/completions", {"model": "ok", "messages": USER, "stream": True}
     )
-    record = app.gateway.records.get(response.headers["x-request-id"])
+    record = app.gateway.records.find(response.headers["x-request-id"])
     assert record is not None and not record.usage.estimated
     assert (record.usage.prompt, record.usage.completion) == (PROMPT_TOKENS, len(OK_PIECES))
     latency = record.latency
