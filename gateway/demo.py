@@ -17,6 +17,7 @@ from gateway.app import create_app
 from gateway.config_check import check_settings
 from gateway.records import RequestRecord
 from gateway.settings import Settings, VllmUpstream
+from router.gpu_cost import break_even_rate, fleet_cost
 from serving.loopback import on_loopback
 from serving.simulated import SimProfile, create_simulated_app
 
@@ -135,6 +136,8 @@ def _print_results(
         "injected tok/req",
         "completion tok/req",
         "cost / 1k req",
+        "prompt tax / 1k",
+        "fleet / 1k req",
     ):
         table.add_column(column, justify="right")
     per_request: dict[str, float] = {}
@@ -142,8 +145,9 @@ def _print_results(
         rows = [r for r in records if r.variant == name]
         if not rows:
             continue
-        cost = _cost_per_request(settings, name, rows, elapsed)
+        cost = _mean(r.cost_usd for r in rows)
         per_request[name] = cost
+        fleet = _fleet_per_request(settings, name, rows, elapsed)
         durations = sorted(r.latency.total * 1000 for r in rows)
         table.add_row(
             name,
@@ -155,13 +159,17 @@ def _print_results(
             f"{_mean(r.usage.injected for r in rows):.1f}",
             f"{_mean(r.usage.completion for r in rows):.1f}",
             f"${cost * 1000:.4f}",
+            f"${_mean(r.prompt_tax_usd for r in rows) * 1000:.4f}",
+            "-" if fleet is None else f"${fleet * 1000:.4f}",
         )
     console.print(table)
     hosted = per_request.get("support-prompted")
     if hosted:
-        break_even = GPU_HOURLY_USD / hosted
+        break_even = break_even_rate(GPU_HOURLY_USD, hosted)
         rate = len(records) / elapsed * 3600
         console.print(
+            "Fine-tuned cost per request is its share of the GPU's busy time; the fleet column "
+            "spreads the\nwhole fleet's cost over the run (idle time included) over its requests.\n"
             f"Fine-tuned fleet costs ${GPU_HOURLY_USD}/h whether busy or not; the prompted variant "
             f"costs ${hosted * 1000:.4f} per 1k requests (prompt tax included).\n"
             f"Break-even: above [bold]{break_even:,.0f} requests/hour[/] the GPU fleet is cheaper; "
@@ -169,16 +177,15 @@ def _print_results(
         )
 
 
-def _cost_per_request(
+def _fleet_per_request(
     settings: Settings, name: str, rows: Sequence[RequestRecord], elapsed: float
-) -> float:
-    """Token-priced variants: mean cost; GPU variants: fleet cost over the window per request."""
+) -> float | None:
+    """For a GPU-backed variant: the fleet's cost over the run (busy or idle) per request."""
     upstream = settings.upstreams[settings.variants[name].upstream]
     if not isinstance(upstream, VllmUpstream) or upstream.gpu is None:
-        return _mean(r.cost_usd for r in rows)
+        return None
     gpu = upstream.gpu
-    fleet: float = gpu.hourly_usd * gpu.count * len(upstream.urls) * elapsed / 3600
-    return fleet / len(rows)
+    return fleet_cost(gpu.hourly_usd, gpu.count, len(upstream.urls), elapsed) / len(rows)
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -187,5 +194,5 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def run_demo(count: int) -> int:
-    console = Console(width=max(Console().width, 132))
+    console = Console(width=max(Console().width, 150))
     return asyncio.run(_run(count, console))

@@ -174,6 +174,10 @@ class Exchange:
     def _replica(self) -> int | None:
         return self.opened.replica if self.opened is not None else None
 
+    def _gpu_span(self, now: float) -> tuple[float, float]:
+        """The time the upstream worked on this request: until its last byte, not the client's."""
+        return self._span(self.upstream_done_at or now)
+
     def _span(self, end: float) -> tuple[float, float]:
         return (self.sent_at if self.sent_at is not None else self.ctx.started, end)
 
@@ -209,7 +213,7 @@ class Exchange:
             status=status,
             latency=self._latency(now, usage, first_event_at),
             usage=usage,
-            cost_usd=self.gw.cost(self.variant, self._replica(), usage, self._span(now)),
+            cost_usd=self.gw.cost(self.variant, self._replica(), usage, self._gpu_span(now)),
             prompt_tax_usd=prompt_tax(price, usage),
             error=type(error).__name__ if error else None,
             content=self._content(answer),

@@ -121,12 +121,14 @@ class Gateway:
         await self.records.start()
 
     async def aclose(self) -> None:
-        await self.records.aclose()  # flushes pending records to Redis and the file
-        if self.redis is not None:
-            await self.redis.aclose()
-        for upstream in self.upstreams.values():
-            await upstream.aclose()
-        self.metrics.close()
+        try:
+            await self.records.aclose()  # flushes pending records to Redis and the file
+            if self.redis is not None:
+                await self.redis.aclose()
+            for upstream in self.upstreams.values():
+                await upstream.aclose()
+        finally:
+            self.metrics.close()
 
 
 def _warn_inexact_tokenizers(variants: Iterable[VariantRuntime]) -> None:
