@@ -18,6 +18,8 @@ from gateway.settings import (
     OpenAIUpstream,
     Records,
     Route,
+    Routing,
+    Rule,
     Server,
     Settings,
     SimulatedUpstream,
@@ -25,6 +27,7 @@ from gateway.settings import (
     Upstream,
     Variant,
     VllmUpstream,
+    When,
 )
 
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.DOTALL)
@@ -66,6 +69,7 @@ class _Parts(msgspec.Struct, kw_only=True):
     server: Server = Server()
     state: State = State()
     records: Records = Records()
+    routing: Routing = Routing()
     admin_key_env: str | None = None
     names: dict[str, set[str]] = {}
 
@@ -79,6 +83,7 @@ class _Parts(msgspec.Struct, kw_only=True):
             admin_key_env=self.admin_key_env,
             keys=list(self.keys.values()),
             records=self.records,
+            routing=self.routing,
         )
 
 
@@ -213,6 +218,7 @@ def _convert_sections(raw: dict[Any, Any], problems: list[Problem]) -> _Parts:
     parts.server = _convert(raw.get("server", {}), Server, "server", problems) or Server()
     parts.state = _convert(raw.get("state", {}), State, "state", problems) or State()
     parts.records = _convert(raw.get("records", {}), Records, "records", problems) or Records()
+    parts.routing = _convert(raw.get("routing", {}), Routing, "routing", problems) or Routing()
     parts.admin_key_env = _convert(raw.get("admin_key_env"), str | None, "admin_key_env", problems)
     return parts
 
@@ -299,6 +305,24 @@ def _check_routes(parts: _Parts) -> Iterator[Problem]:
                 yield Problem(f"{path}.fallback[{i}]", f"'{variant}' is listed twice", "warning")
         if route.shadow is not None and route.shadow.variant not in variants:
             yield Problem(f"{path}.shadow.variant", f"unknown variant '{route.shadow.variant}'")
+        for i, rule in enumerate(route.rules):
+            yield from _check_rule(f"{path}.rules[{i}]", rule, variants)
+
+
+def _check_rule(path: str, rule: Rule, variants: set[str]) -> Iterator[Problem]:
+    if (rule.variant is None) == (rule.split is None):
+        yield Problem(path, "a rule names exactly one of `variant` or `split`")
+    for name in [rule.variant] if rule.variant else list(rule.split or {}):
+        if name not in variants:
+            yield Problem(
+                f"{path}.variant" if rule.variant else f"{path}.split.{name}",
+                f"unknown variant '{name}'",
+            )
+    for name, weight in (rule.split or {}).items():
+        if not (math.isfinite(weight) and weight > 0):
+            yield Problem(f"{path}.split.{name}", f"weight must be > 0, got {weight:g}")
+    if rule.when == When():
+        yield Problem(f"{path}.when", "a rule needs at least one condition", "warning")
 
 
 def _valid_sticky(sticky: str) -> bool:

@@ -73,6 +73,9 @@ class VllmUpstream(Strict, tag="vllm", tag_field="kind", frozen=True):
     serve: Serve | None = None
     timeouts: Timeouts = Timeouts()
     pool: Pool = Pool()
+    # Poll each replica's /metrics (queue, KV cache, resident LoRA adapters) for replica choice.
+    scrape_metrics: bool = False
+    scrape_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
 
 
 class OpenAIUpstream(Strict, tag="openai", tag_field="kind", frozen=True):
@@ -137,11 +140,52 @@ class Shadow(Strict, frozen=True):
     fraction: Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 
+class When(Strict, frozen=True):
+    """Conditions of a rule; all given ones must hold."""
+
+    header: dict[str, str] | None = None  # header name -> exact value
+    key: list[str] | None = None  # the key's name is one of these
+    prompt_tokens_above: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    prompt_tokens_below: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    tools: bool | None = None  # the request carries `tools`
+    stream: bool | None = None
+
+
+class Rule(Strict, frozen=True):
+    """The first rule whose `when` holds picks `variant`, or draws from its own `split`."""
+
+    when: When
+    variant: str | None = None
+    split: dict[str, float] | None = None
+
+
 class Route(Strict, frozen=True):
     split: Annotated[dict[str, float], msgspec.Meta(min_length=1)]
     sticky: str | None = None  # user | key | header:<name>
     fallback: list[str] = []
     shadow: Shadow | None = None
+    rules: list[Rule] = []
+
+
+class Breaker(Strict, frozen=True):
+    """Circuit breaker per (variant, replica)."""
+
+    consecutive_failures: PositiveInt = 5
+    failure_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    window_s: PositiveFloat = 30.0
+    min_requests: PositiveInt = 10
+    cooldown_s: PositiveFloat = 10.0
+    half_open_probes: PositiveInt = 1
+
+
+class Routing(Strict, frozen=True):
+    """How the gateway keeps answering: retry budget, circuit breakers, shadow limits."""
+
+    retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2
+    retry_budget_min: Annotated[int, msgspec.Meta(ge=0)] = 3
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    breaker: Breaker = Breaker()
+    shadow_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 8
 
 
 class Budget(Strict, frozen=True):
@@ -177,3 +221,4 @@ class Settings(Strict, frozen=True):
     admin_key_env: str | None = None
     keys: list[Key] = []
     records: Records = Records()
+    routing: Routing = Routing()
