@@ -18,6 +18,7 @@ from gateway.errors import (
     scrub,
 )
 from gateway.upstreams import Upstream
+from router.plan import Failure, Stage, retry_after_seconds
 
 _MAX_ERROR_BODY = 64 * 1024
 
@@ -63,17 +64,27 @@ class Opened:
 
 
 async def open_call(
-    upstream: Upstream, path: str, payload: bytes, deadline: Deadline, *, stream: bool
+    upstream: Upstream,
+    replica: int,
+    path: str,
+    payload: bytes,
+    deadline: Deadline,
+    *,
+    stream: bool,
 ) -> Opened:
-    """Send the request; return once a successful status arrives, else raise an UpstreamError.
+    """Send the request to a replica the caller acquired; return once a successful status
+    arrives, else release the replica and raise an UpstreamError tagged with what failed.
 
     A stream's headers must come within the first-byte limit; a non-streaming answer's headers
     come only when the whole answer is ready, so they get the total deadline.
     """
     timeouts = upstream.timeouts
-    wait = deadline.within(timeouts.first_byte if stream else timeouts.total)
+    try:
+        wait = deadline.within(timeouts.first_byte if stream else timeouts.total)
+    except UpstreamTimeout as exc:
+        upstream.release(replica)
+        raise exc.tagged(Failure.FIRST_BYTE_TIMEOUT, Stage.NOT_SENT) from None
     first_byte_by = time.monotonic() + wait
-    replica = upstream.acquire()
     request = upstream.client.build_request(
         "POST",
         upstream.url(replica, path),
@@ -127,16 +138,27 @@ async def _read_error_body(response: httpx.Response, deadline: Deadline) -> byte
     return b"".join(chunks)
 
 
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 def transport_error(exc: BaseException, upstream: Upstream) -> BaseException:
-    """The one mapping from transport failures to Turnout errors (cancellation passes through)."""
+    """The one mapping from transport failures to Turnout errors (cancellation passes through).
+
+    Connect failures reached nobody; anything later may have been accepted upstream.
+    """
     if isinstance(exc, UpstreamError) or not isinstance(exc, Exception):
         return exc
+    if isinstance(exc, _NOT_SENT):
+        error = UpstreamError(f"The upstream for this model is unreachable ({_what(exc)}).")
+        return error.tagged(Failure.CONNECT, Stage.NOT_SENT)
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
-        return UpstreamTimeout(
+        timeout = UpstreamTimeout(
             f"The upstream for this model did not answer in time ({_what(exc)})."
         )
+        return timeout.tagged(Failure.FIRST_BYTE_TIMEOUT, Stage.MAYBE_ACCEPTED)
     if isinstance(exc, httpx.HTTPError):
-        return UpstreamError(f"The upstream for this model failed: {_what(exc)}.")
+        error = UpstreamError(f"The upstream for this model failed: {_what(exc)}.")
+        return error.tagged(Failure.BROKEN, Stage.MAYBE_ACCEPTED)
     return exc
 
 
@@ -147,22 +169,30 @@ def _what(exc: BaseException) -> str:
 def status_error(
     status: int, body: bytes, headers: httpx.Headers, upstream: Upstream
 ) -> UpstreamError:
-    """The one mapping from an upstream's error status to the error the client gets."""
+    """The one mapping from an upstream's error status to the error the client gets.
+
+    An error status means the upstream did not do the work: nothing was accepted.
+    """
     if status in (400, 413, 422):
         message = scrub(_upstream_message(body), upstream.secrets)
-        return UpstreamBadRequest(message or f"The upstream rejected the request ({status}).")
+        bad = UpstreamBadRequest(message or f"The upstream rejected the request ({status}).")
+        return bad.tagged(Failure.REQUEST, Stage.NOT_SENT)
     if status == 429:
         retry = headers.get("retry-after")
-        return UpstreamRateLimited(
+        limited = UpstreamRateLimited(
             "The upstream for this model is rate limited; retry later.",
             headers={"retry-after": retry} if retry and retry.isdigit() else None,
         )
+        limited.retry_after = retry_after_seconds(retry, time.time())
+        return limited.tagged(Failure.RATE_LIMITED, Stage.NOT_SENT)
     if status in (401, 403, 404):
-        return UpstreamRejected(
+        rejected = UpstreamRejected(
             f"The upstream refused Turnout's request ({status}); check the gateway's "
             "upstream credentials and model names."
         )
-    return UpstreamError(f"The upstream for this model failed with status {status}.")
+        return rejected.tagged(Failure.SETUP, Stage.NOT_SENT)
+    error = UpstreamError(f"The upstream for this model failed with status {status}.")
+    return error.tagged(Failure.SERVER, Stage.NOT_SENT)
 
 
 def _upstream_message(body: bytes) -> str:

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from router.plan import Failure, Stage
+
 
 class TurnoutError(Exception):
     """An error with a status and a message that is safe to show to the client."""
@@ -122,11 +124,23 @@ class ClientDisconnected(TurnoutError):
 
 
 class UpstreamError(TurnoutError):
-    """The upstream failed: reset, 5xx, garbage. 502 to the client."""
+    """The upstream failed: reset, 5xx, garbage. 502 to the client.
+
+    `failure` and `stage` say what went wrong and how far the request got (router.plan's
+    words), which decides whether another attempt is allowed; `retry_after` is the upstream's
+    Retry-After in seconds, when it sent one.
+    """
 
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+    failure = Failure.SERVER
+    stage = Stage.NOT_SENT
+    retry_after: float | None = None
+
+    def tagged(self, failure: Failure, stage: Stage) -> UpstreamError:
+        self.failure, self.stage = failure, stage
+        return self
 
 
 class UpstreamRejected(UpstreamError):

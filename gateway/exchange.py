@@ -14,6 +14,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway import body as bodies
+from gateway.attempts import Attempts
 from gateway.call import Deadline, Opened, open_call, read_body
 from gateway.context import Message, RequestContext
 from gateway.errors import ClientDisconnected, TurnoutError, UpstreamError
@@ -21,6 +22,8 @@ from gateway.estimate import choice_texts, estimate, prompt_tokens, stream_texts
 from gateway.gateway import Gateway, VariantRuntime
 from gateway.records import Latency, RequestRecord, Usage, prompt_tax, usage_from
 from gateway.relay import StreamRelay
+from gateway.shaping import shape
+from router.plan import Failure, Stage
 
 T = TypeVar("T")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -34,16 +37,20 @@ class Exchange:
         gw: Gateway,
         ctx: RequestContext,
         client: bodies.ClientRequest,
-        variant: VariantRuntime,
-        sent: dict[str, Any],
+        plan: list[str],
         receive: Callable[[], Awaitable[Message]],
         key: str | None = None,
     ) -> None:
-        self.gw, self.ctx, self.client, self.variant = gw, ctx, client, variant
-        self.sent = sent
+        """`plan`: the variants to try in order (the chosen one first). The first is shaped
+        now, so that a request it cannot take fails here, before anything is recorded."""
+        self.gw, self.ctx, self.client = gw, ctx, client
+        self.variant = gw.variants[plan[0]]
+        self.sent = shape(client, self.variant)
+        ctx.variant = self.variant.name
         self.receive = receive
         self.key = key
-        self.deadline = Deadline(variant.upstream.timeouts.total)
+        self.deadline = Deadline(self.variant.upstream.timeouts.total)
+        self.attempts = Attempts(gw, client.model, plan, self.deadline, self._prepare)
         self.opened: Opened | None = None
         self.sent_at: float | None = None  # perf_counter when the upstream call began
         self.upstream_done_at: float | None = None
@@ -58,31 +65,44 @@ class Exchange:
             self._prompt_estimate = own + self.variant.injected_tokens
         return self._prompt_estimate
 
-    async def run(self) -> Response[Any]:
-        payload = msgspec.json.encode(self.sent)
-        if self.client.stream:
-            return await self._stream(payload)
-        return await self._unary(payload)
+    def _prepare(self, variant: VariantRuntime) -> None:
+        """Make `variant` the one called next (a fallback gets its own shaping)."""
+        if variant is not self.variant:
+            self.sent = shape(self.client, variant)
+            self.variant = variant
+            self.ctx.variant = variant.name
+            self._prompt_estimate = None
 
-    async def _open(self, payload: bytes, *, stream: bool) -> Opened:
+    async def run(self) -> Response[Any]:
+        if self.client.stream:
+            return await self._stream()
+        return await self._unary()
+
+    async def _open(self, variant: VariantRuntime, replica: int, *, stream: bool) -> Opened:
         self.sent_at = time.perf_counter()
         self.opened = await open_call(
-            self.variant.upstream, self.client.endpoint, payload, self.deadline, stream=stream
+            variant.upstream,
+            replica,
+            self.client.endpoint,
+            msgspec.json.encode(self.sent),
+            self.deadline,
+            stream=stream,
         )
         return self.opened
 
-    async def _unary(self, payload: bytes) -> Response[Any]:
+    async def _unary(self) -> Response[Any]:
         try:
-            body, usage, answer = await self._until_disconnect(self._unary_call(payload))
+            body, usage, answer = await self._until_disconnect(self.attempts.run(self._unary_call))
         except BaseException as exc:
             self._record_failure(exc)
             raise
         record = self._record(200, usage, answer=answer)
         self.ctx.extra_headers.append((b"x-turnout-cost-usd", f"{record.cost_usd:.8f}".encode()))
+        self._shadow(record, lambda: choice_texts(answer))
         return Response(body, media_type="application/json", status_code=200)
 
-    async def _unary_call(self, payload: bytes) -> tuple[bytes, Usage, Any]:
-        opened = await self._open(payload, stream=False)
+    async def _unary_call(self, variant: VariantRuntime, replica: int) -> tuple[bytes, Usage, Any]:
+        opened = await self._open(variant, replica, stream=False)
         try:
             body = await read_body(opened, self.deadline)
         finally:
@@ -91,24 +111,18 @@ class Exchange:
         try:
             parsed = msgspec.json.decode(body)
         except msgspec.DecodeError:
-            raise UpstreamError("The upstream answered with something that is not JSON.") from None
+            parsed = None
         if not isinstance(parsed, dict):
-            raise UpstreamError("The upstream answered with JSON that is not an object.")
+            garbage = UpstreamError(
+                "The upstream answered with something that is not a JSON object."
+            )
+            raise garbage.tagged(Failure.BROKEN, Stage.MAYBE_ACCEPTED)
         usage = usage_from(parsed.get("usage"), self.variant.injected_tokens)
         return body, usage or self._estimate(choice_texts(parsed)), parsed
 
-    async def _stream(self, payload: bytes) -> Response[Any]:
+    async def _stream(self) -> Response[Any]:
         try:
-            opened = await self._until_disconnect(self._open(payload, stream=True))
-            relay = StreamRelay(
-                opened,
-                self.deadline,
-                client_wants_usage=self.client.include_usage,
-                injected=self.variant.injected_tokens,
-                on_finish=self._finish_stream,
-                cost_of=self._cost_now,
-            )
-            await self._until_disconnect(relay.first())
+            relay = await self._until_disconnect(self.attempts.run(self._stream_call))
         except BaseException as exc:
             await self._close_opened()
             self._record_failure(exc)
@@ -120,17 +134,51 @@ class Exchange:
             background=BackgroundTask(relay.close),
         )
 
+    async def _stream_call(self, variant: VariantRuntime, replica: int) -> StreamRelay:
+        """Open the stream and wait for its first event; until then a failure may be retried."""
+        opened = await self._open(variant, replica, stream=True)
+        relay = StreamRelay(
+            opened,
+            self.deadline,
+            client_wants_usage=self.client.include_usage,
+            injected=variant.injected_tokens,
+            on_finish=self._finish_stream,
+            cost_of=self._cost_now,
+        )
+        try:
+            await relay.first()
+        except BaseException:
+            await self._close_opened()
+            raise
+        return relay
+
     def _finish_stream(self, relay: StreamRelay) -> None:
         self.upstream_done_at = relay.last_event_at or time.perf_counter()
         status = 499 if relay.client_gone else relay.error.status if relay.error else 200
         usage = relay.usage or self._estimate(stream_texts(relay.relayed))
         answer = stream_texts(relay.relayed) if self.gw.settings.records.content else None
-        self._record(
+        record = self._record(
             status,
             usage,
             error=relay.error,
             first_event_at=relay.first_event_at,
             answer=answer,
+        )
+        self._shadow(record, lambda: stream_texts(relay.relayed))
+
+    def _shadow(self, record: RequestRecord, texts: Callable[[], list[str]]) -> None:
+        """Offer a sampled copy to the route's shadow variant (it runs off the response path)."""
+        route = self.gw.route(self.client.model)
+        if route is None or route.shadow is None or record.status != 200:
+            return
+        self.gw.shadows.maybe_submit(
+            self.client.model,
+            route,
+            record,
+            "".join(texts()),
+            self.client.body,
+            self.client.endpoint,
+            self.gw.rand.random(),
         )
 
     async def _until_disconnect(self, work: Awaitable[T]) -> T:
@@ -216,6 +264,7 @@ class Exchange:
             cost_usd=self.gw.cost(self.variant, self._replica(), usage, self._gpu_span(now)),
             prompt_tax_usd=prompt_tax(price, usage),
             error=type(error).__name__ if error else None,
+            attempts=self.attempts.count,
             content=self._content(answer),
         )
         self.gw.account(record)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import msgspec
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -15,9 +17,14 @@ from gateway.gpu_meter import GpuMeter
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.record_store import RecordKeeper, connect_redis, open_record_store
 from gateway.records import RequestRecord, Usage, token_cost
+from gateway.rules_config import rules_from_settings
+from gateway.scraper import MetricsScraper
 from gateway.settings import Route, Settings, SimulatedUpstream, Variant, VllmUpstream
+from gateway.shadow import ShadowRunner
 from gateway.tokens import OFFLINE_DEFAULT, REPLY_PRIMING, TokenCounter
 from gateway.upstreams import Upstream, build_upstream
+from router.breaker import BreakerBoard, BreakerConfig
+from router.retry_budget import RetryBudget
 from router.shaping import shape_chat_messages
 
 log = logging.getLogger("turnout")
@@ -38,6 +45,11 @@ class VariantRuntime:
     @property
     def tuning(self) -> str:
         return "prompted" if self.config.is_prompted else "fine-tuned"
+
+    @property
+    def adapter(self) -> str | None:
+        """The served model name on a vLLM upstream (often a LoRA adapter), for replica choice."""
+        return self.config.model if self.upstream.kind == "vllm" else None
 
 
 class Gateway:
@@ -65,6 +77,21 @@ class Gateway:
             for name, variant in settings.variants.items()
         }
         self.meters = _meters(settings)
+        self.rules = {name: rules_from_settings(route) for name, route in settings.routes.items()}
+        self.rules_count_tokens = {
+            name: any(
+                r.when.prompt_tokens_above is not None or r.when.prompt_tokens_below is not None
+                for r in route.rules
+            )
+            for name, route in settings.routes.items()
+        }
+        self.scrapers = [
+            MetricsScraper(u) for u in self.upstreams.values() if u.scrape_interval_s is not None
+        ]
+        self.shadows = ShadowRunner(self, settings.routing.shadow_concurrency)
+        routing = settings.routing
+        self.breakers = BreakerBoard(BreakerConfig(**msgspec.structs.asdict(routing.breaker)))
+        self.retry_budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min)
         if self.keys.open:
             log.warning(
                 "no client keys configured: this gateway is OPEN to anyone who can reach it"
@@ -109,8 +136,16 @@ class Gateway:
         self.metrics.rejected(status, route, variant)
 
     def degraded(self) -> list[str]:
-        """Parts that are not fully working, named for `/readyz` (health checks fill this)."""
-        return []
+        """Parts that are not fully working, named for `/readyz`."""
+        now = time.monotonic()
+        return [
+            f"circuit open: variant {variant} replica {replica}"
+            for variant, replica in self.breakers.open_circuits(now)
+        ] + [
+            f"upstream {s.upstream.name} replica {i}: metrics stale"
+            for s in self.scrapers
+            for i in s.upstream.stale_replicas(now)
+        ]
 
     async def start(self) -> None:
         """Connect the shared state store (if configured) and start the record writers."""
@@ -119,9 +154,14 @@ class Gateway:
             self.redis = connect_redis(url)
             self.records = open_record_store(self.settings, self.redis)
         await self.records.start()
+        for scraper in self.scrapers:
+            scraper.start()
 
     async def aclose(self) -> None:
         try:
+            for scraper in self.scrapers:
+                await scraper.aclose()
+            await self.shadows.aclose()  # before the records and clients shadows still use
             await self.records.aclose()  # flushes pending records to Redis and the file
             if self.redis is not None:
                 await self.redis.aclose()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 from litestar import Request, Response
@@ -10,11 +11,16 @@ from litestar import Request, Response
 from gateway import body as bodies
 from gateway.auth import may_call
 from gateway.context import Receive, context_of
-from gateway.errors import BadRequest, ClientDisconnected, ModelNotFound
+from gateway.errors import ClientDisconnected, ModelNotFound
+from gateway.estimate import prompt_tokens
 from gateway.exchange import Exchange
-from gateway.gateway import Gateway, VariantRuntime
+from gateway.gateway import Gateway
+from gateway.rules_config import request_facts
+from gateway.settings import Route
+from gateway.shaping import shape
+from router.plan import attempt_plan
+from router.rules import first_match
 from router.selection import choose_variant, sticky_subject
-from router.shaping import PromptShapeError, shape_chat_messages, shape_completion
 
 # request.state key: EDGE while proxy() checks a call, EXCHANGE once an Exchange records it.
 # The error renderer counts the calls that failed at the edge (they leave no record).
@@ -38,19 +44,49 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     if route is None or not may_call(key, client.model):
         raise ModelNotFound(client.model)
     ctx.route = client.model
-    subject = sticky_subject(
-        route.sticky,
-        user=client.user,
-        key_name=key.name if key else None,
-        headers=request.headers,
-    )
-    name = choose_variant(client.model, list(route.split.items()), subject, gw.rand.random)
+    name = choose(gw, route, client, key.name if key else None, request.headers)
     ctx.variant = name
-    variant = gw.variants[name]
-    sent = shape(client, variant)
-    exchange = Exchange(gw, ctx, client, variant, sent, receive, key.name if key else None)
+    exchange = Exchange(gw, ctx, client, plan(gw, route, name), receive, key.name if key else None)
     request.state[STAGE] = EXCHANGE
     return await exchange.run()
+
+
+def choose(
+    gw: Gateway,
+    route: Route,
+    client: bodies.ClientRequest,
+    key: str | None,
+    headers: Mapping[str, str],
+) -> str:
+    """The variant for this request: the first matching rule's, else a draw from the split
+    (sticky when the route says so; a rule's own split uses the same draw)."""
+    split = route.split
+    rules = gw.rules[client.model]
+    if rules:
+        counter = gw.variants[next(iter(split))].counter
+        tokens = prompt_tokens(counter, client.body) if gw.rules_count_tokens[client.model] else 0
+        rule = first_match(rules, request_facts(client, headers, key, tokens))
+        if rule is not None and rule.variant is not None:
+            return rule.variant
+        if rule is not None and rule.split is not None:
+            split = dict(rule.split)
+    subject = sticky_subject(route.sticky, user=client.user, key_name=key, headers=headers)
+    return choose_variant(client.model, list(split.items()), subject, gw.rand.random)
+
+
+def plan(gw: Gateway, route: Route, chosen: str) -> list[str]:
+    """The variants to try: the chosen one, then the fallbacks, skipping open circuits."""
+    if not route.fallback and gw.breakers.variant_available(
+        chosen, len(gw.variants[chosen].upstream.roots), time.monotonic()
+    ):
+        return [chosen]
+    now = time.monotonic()
+    return attempt_plan(
+        chosen,
+        route.fallback,
+        lambda v: gw.breakers.variant_available(v, len(gw.variants[v].upstream.roots), now),
+        gw.breakers.last_failure,
+    )
 
 
 async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
@@ -64,23 +100,4 @@ async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-def shape(client: bodies.ClientRequest, variant: VariantRuntime) -> dict[str, Any]:
-    """The body sent upstream: the client's, with the variant's model and prompt applied."""
-    body = dict(client.body)
-    body["model"] = variant.config.model
-    if client.stream:
-        options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {})}
-        body["stream_options"]["include_usage"] = True
-    else:
-        body.pop("stream_options", None)
-    if not (variant.system or variant.examples):
-        return body
-    if client.endpoint == bodies.CHAT:
-        body["messages"] = shape_chat_messages(body["messages"], variant.system, variant.examples)
-    elif client.endpoint == bodies.COMPLETIONS:
-        try:
-            body["prompt"] = shape_completion(body["prompt"], variant.system, variant.examples)
-        except PromptShapeError as exc:
-            raise BadRequest(str(exc), param="prompt") from None
-    return body
+__all__ = ["plan", "proxy", "shape"]

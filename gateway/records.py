@@ -52,8 +52,12 @@ class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     cost_usd: float = 0.0
     prompt_tax_usd: float = 0.0  # the part of cost_usd paid for injected prompt tokens
     error: str | None = None
+    attempts: int = 1  # upstream calls made for it (retries and fallbacks included)
     shadow_of: str | None = None  # set on a shadow request: the primary's request_id
     content: dict[str, object] | None = None
+    # On a shadow: {exact, similarity, json_equal, agreement} vs the primary's answer
+    # (router.compare), or just {agreement: "error"} when the shadow call failed.
+    comparison: dict[str, object] | None = None
 
 
 def token_cost(price: Price | None, usage: Usage) -> float:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import math
+import random
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import httpx
 
 from gateway.settings import Pool, Timeouts
-from router.replicas import least_outstanding
+from router.replicas import least_outstanding, pick_two, scores
+from router.vllm_metrics import ReplicaLoad
+
+FRESH_INTERVALS = 3  # a scraped load is used for this many scrape intervals, then it is stale
 
 
 @dataclass
@@ -16,7 +23,9 @@ class Upstream:
     """One configured upstream: its replicas' API roots (ending in /v1) and one shared client.
 
     `headers` carry Turnout's own credentials; `secrets` are the values to scrub from anything
-    that reaches a client or a log line.
+    that reaches a client or a log line. With `metrics_urls` and `scrape_interval_s` set (vLLM
+    with `scrape_metrics: true`), a scraper fills `loads` and `load_at` (monotonic seconds)
+    and replica choice weighs queues and adapters; otherwise it is least outstanding.
     """
 
     name: str
@@ -27,20 +36,69 @@ class Upstream:
     headers: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()
     billed: bool = True
+    metrics_urls: list[str] = field(default_factory=list)
+    scrape_interval_s: float | None = None
+    rand: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.monotonic
     in_flight: list[int] = field(init=False)
+    loads: list[ReplicaLoad | None] = field(init=False)
+    load_at: list[float] = field(init=False)
+    scraping_since: float | None = field(init=False, default=None)
     _ticks: itertools.count[int] = field(init=False, default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.in_flight = [0] * len(self.roots)
+        self.loads = [None] * len(self.roots)
+        self.load_at = [-math.inf] * len(self.roots)
 
-    def acquire(self) -> int:
-        """Choose the replica with the fewest requests in flight and count one more on it."""
-        index = least_outstanding(self.in_flight, next(self._ticks) % len(self.roots))
+    def acquire(self, adapter: str | None = None, *, exclude: Collection[int] = ()) -> int:
+        """Choose a replica for a request naming `adapter` and count one more in flight on it.
+
+        Replicas in `exclude` are skipped unless that leaves none. When every candidate has a
+        fresh scraped load: the better of two random candidates by `router.replicas.score`;
+        otherwise the one with the fewest requests in flight (ties in turn).
+        """
+        candidates = [i for i in range(len(self.roots)) if i not in exclude]
+        candidates = candidates or list(range(len(self.roots)))
+        fresh = self._fresh_loads(candidates)
+        if fresh is not None:
+            in_flight = [self.in_flight[i] for i in candidates]
+            ranked = scores(fresh, in_flight, adapter)
+            chosen = pick_two(ranked, self.rand.random(), self.rand.random())
+        else:
+            counts = [self.in_flight[i] for i in candidates]
+            chosen = least_outstanding(counts, next(self._ticks) % len(candidates))
+        index = candidates[chosen]
         self.in_flight[index] += 1
         return index
 
     def release(self, index: int) -> None:
         self.in_flight[index] -= 1
+
+    def record_load(self, index: int, load: ReplicaLoad, now: float) -> None:
+        """Keep replica `index`'s scraped load, taken at monotonic time `now`."""
+        self.loads[index] = load
+        self.load_at[index] = now
+
+    def stale_replicas(self, now: float) -> list[int]:
+        """Replicas whose load has not been scraped for FRESH_INTERVALS intervals (counted
+        from the scraper's start, so none is stale before its first scrape is due)."""
+        if self.scrape_interval_s is None or self.scraping_since is None:
+            return []
+        cutoff = now - FRESH_INTERVALS * self.scrape_interval_s
+        since = self.scraping_since
+        return [i for i, at in enumerate(self.load_at) if max(at, since) < cutoff]
+
+    def _fresh_loads(self, candidates: list[int]) -> list[ReplicaLoad] | None:
+        """The candidates' loads if every one is fresh, else None."""
+        if self.scrape_interval_s is None:
+            return None
+        cutoff = self.clock() - FRESH_INTERVALS * self.scrape_interval_s
+        loads = [self.loads[i] for i in candidates]
+        if any(self.load_at[i] < cutoff for i in candidates):
+            return None
+        fresh = [load for load in loads if load is not None]
+        return fresh if len(fresh) == len(loads) else None
 
     def url(self, index: int, path: str) -> str:
         return self.roots[index] + path

@@ -19,4 +19,6 @@ def build(name: str, config: VllmUpstream, environ: Mapping[str, str]) -> Upstre
         headers={"authorization": f"Bearer {secret}"} if secret else {},
         secrets=(secret,) if secret else (),
         billed=False,
+        metrics_urls=[url.rstrip("/") + "/metrics" for url in config.urls],
+        scrape_interval_s=config.scrape_interval_s if config.scrape_metrics else None,
     )

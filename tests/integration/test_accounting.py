@@ -114,15 +114,15 @@ def test_injected_tokens_are_the_prompt_difference(served: tuple[str, TurnoutApp
 def test_pre_estimate_matches_the_upstream_count(served: tuple[str, TurnoutApp]) -> None:
     """The cheap pre-call estimate (client text + precounted injection) is close to exact."""
     from gateway import body as bodies
+    from gateway.context import RequestContext
     from gateway.exchange import Exchange
-    from gateway.proxy import shape
 
     url, app = served
     gw = app.gateway
     for route in ("sim-ft", "sim-prompted"):
         client = bodies.parse(bodies.CHAT, msgspec.json.encode({"model": route, "messages": USER}))
-        variant = gw.variants[route]
-        exchange = Exchange(gw, None, client, variant, shape(client, variant), None)  # type: ignore[arg-type]
+        ctx = RequestContext(request_id="pre-estimate")
+        exchange = Exchange(gw, ctx, client, [route], None)  # type: ignore[arg-type]
         response = httpx.post(url + "/v1/chat/completions", json={"model": route, "messages": USER})
         assert (
             exchange.prompt_estimate == _record(app, response.headers["x-request-id"]).usage.prompt
