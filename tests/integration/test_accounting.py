@@ -179,3 +179,21 @@ def test_content_is_kept_only_when_asked(upstreams: Upstreams) -> None:
     assert record.content["request"]["messages"] == USER  # type: ignore[index]
     assert streamed_record.content is not None
     assert "".join(streamed_record.content["response"]) == "".join(OK_PIECES)  # type: ignore[arg-type]
+
+
+def test_fallback_served_request_is_accounted_once(upstreams: Upstreams) -> None:
+    config = _config(upstreams)
+    config["routes"]["fails-over"] = {"split": {"error-503": 1}, "fallback": ["priced"]}
+    with running(config) as (url, app):
+        response = httpx.post(
+            url + "/v1/chat/completions", json={"model": "fails-over", "messages": USER}
+        )
+        record = _record(app, response.headers["x-request-id"])
+        metrics = httpx.get(url + "/metrics").text
+    assert response.headers["x-turnout-variant"] == "priced" and record.attempts == 2
+    assert (record.usage.prompt, record.usage.completion) == (PROMPT_TOKENS, len(OK_PIECES))
+    expected = _expected_cost(PROMPT_TOKENS, CACHED_TOKENS, len(OK_PIECES))
+    assert record.cost_usd == pytest.approx(expected, abs=1e-12)
+    assert float(response.headers["x-turnout-cost-usd"]) == pytest.approx(expected, abs=1e-8)
+    assert len([r for r in app.gateway.records if r.request_id == record.request_id]) == 1
+    assert 'turnout_upstream_attempts_total{outcome="error",upstream="hosted"} 1.0' in metrics
