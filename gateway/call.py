@@ -83,7 +83,7 @@ async def open_call(
         wait = deadline.within(timeouts.first_byte if stream else timeouts.total)
     except UpstreamTimeout as exc:
         upstream.release(replica)
-        raise exc.tagged(Failure.FIRST_BYTE_TIMEOUT, Stage.NOT_SENT) from None
+        raise exc.tagged(Failure.FIRST_BYTE_TIMEOUT, Stage.NOT_SENT, verdict=False) from None
     first_byte_by = time.monotonic() + wait
     request = upstream.client.build_request(
         "POST",

@@ -134,12 +134,14 @@ class UpstreamError(TurnoutError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
-    failure = Failure.SERVER
-    stage = Stage.NOT_SENT
+    # Unless tagged otherwise, assume the worst: the upstream may have accepted the request.
+    failure = Failure.BROKEN
+    stage = Stage.MAYBE_ACCEPTED
     retry_after: float | None = None
+    verdict = True  # False: nothing reached the upstream (no replica admitted, no time left)
 
-    def tagged(self, failure: Failure, stage: Stage) -> UpstreamError:
-        self.failure, self.stage = failure, stage
+    def tagged(self, failure: Failure, stage: Stage, *, verdict: bool = True) -> UpstreamError:
+        self.failure, self.stage, self.verdict = failure, stage, verdict
         return self
 
 

@@ -79,6 +79,7 @@ class Exchange:
         return await self._unary()
 
     async def _open(self, variant: VariantRuntime, replica: int, *, stream: bool) -> Opened:
+        self.opened = None  # an earlier attempt's call is closed; it must not be reported
         self.sent_at = time.perf_counter()
         self.opened = await open_call(
             variant.upstream,

@@ -71,7 +71,13 @@ def choose(
         if rule is not None and rule.split is not None:
             split = dict(rule.split)
     subject = sticky_subject(route.sticky, user=client.user, key_name=key, headers=headers)
-    return choose_variant(client.model, list(split.items()), subject, gw.rand.random)
+    now = time.monotonic()
+    failing = [
+        v
+        for v in split
+        if not gw.breakers.variant_available(v, len(gw.variants[v].upstream.roots), now)
+    ]
+    return choose_variant(client.model, list(split.items()), subject, gw.rand.random, failing)
 
 
 def plan(gw: Gateway, route: Route, chosen: str) -> list[str]:

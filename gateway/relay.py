@@ -14,6 +14,7 @@ from gateway.call import Deadline, Opened, transport_error
 from gateway.errors import TurnoutError, UpstreamError, scrub
 from gateway.records import Usage, usage_from
 from gateway.sse import DONE, event_data, iter_events
+from router.plan import Failure, Stage
 
 _USAGE_MARK = b'"usage"'
 _ERROR_MARK = b'"error"'
@@ -70,7 +71,8 @@ class StreamRelay:
                     if (kept := self._keep(event, data)) is not None:
                         self._pending.append(kept)
         except StopAsyncIteration:
-            raise UpstreamError("The upstream ended the stream before sending any event.") from None
+            ended = UpstreamError("The upstream ended the stream before sending any event.")
+            raise ended.tagged(Failure.BROKEN, Stage.MAYBE_ACCEPTED) from None
         except BaseException as exc:
             raise transport_error(exc, self.opened.upstream) from None
 
@@ -168,7 +170,8 @@ def _raise_if_error(data: bytes, secrets: tuple[str, ...]) -> None:
     if isinstance(chunk, dict) and isinstance(error := chunk.get("error"), dict):
         message = error.get("message")
         detail = scrub(message, secrets) if isinstance(message, str) else "no message"
-        raise UpstreamError(f"The upstream reported an error: {detail}")
+        failed = UpstreamError(f"The upstream reported an error: {detail}")
+        raise failed.tagged(Failure.SERVER, Stage.MAYBE_ACCEPTED)
 
 
 def _error_json(error: TurnoutError) -> bytes:

@@ -104,6 +104,13 @@ class CircuitBreaker:
             return True
         return False
 
+    def admits(self, now: float) -> bool:
+        """Would `allow` say yes now? (Reserves nothing.)"""
+        state = self.state(now)
+        if state is State.HALF_OPEN:
+            return self._probes_out < self._config.half_open_probes
+        return state is State.CLOSED
+
     def success(self, now: float) -> None:
         """An allowed attempt succeeded: closes a half-open circuit, else counts in the window."""
         state = self.state(now)
@@ -173,9 +180,15 @@ class BreakerBoard:
         found = self._breakers.get(variant, {}).get(replica)
         return found is not None and found.state(now) is State.OPEN
 
+    def admits(self, variant: str, replica: int, now: float) -> bool:
+        """True when that circuit would let an attempt through now (a breaker never made does)."""
+        found = self._breakers.get(variant, {}).get(replica)
+        return found is None or found.admits(now)
+
     def variant_available(self, variant: str, replicas: int, now: float) -> bool:
-        """True when some replica in range(replicas) of `variant` is not OPEN."""
-        return any(not self.is_open(variant, index, now) for index in range(replicas))
+        """True when some replica in range(replicas) of `variant` would let an attempt through
+        (not OPEN, and not HALF_OPEN with every probe already out)."""
+        return any(self.admits(variant, index, now) for index in range(replicas))
 
     def last_failure(self, variant: str) -> float:
         """The latest failure time over the variant's replicas; -inf if none ever failed."""

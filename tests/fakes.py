@@ -39,6 +39,7 @@ MODELS = (
     *("stream-slow", "stream-cut", "stream-reset", "stream-garbage", "stream-garbage-late"),
     *("no-trailing-newline", "slow-first-event", "first-event-error", "keepalive-first"),
     "detailed-usage",
+    "stream-empty",
 )
 
 # status -> (message, type, param, code); the messages that pass through carry a secret.
@@ -397,6 +398,9 @@ async def _stream(frames: _Frames, model: str, received: Received, reply: _Reply
     if model == "first-event-error":
         error = {"error": {"message": f"model overloaded {SECRET}", "type": "server_error"}}
         await reply.body(b"data: " + _dumps(error) + b"\n\n" + DONE, more=False)
+        return
+    if model == "stream-empty":
+        await reply.body(b"", more=False)
         return
     if model == "slow-first-event":
         await asyncio.sleep(FIRST_TOKEN_DELAY_S)

@@ -24,7 +24,7 @@ BEHAVIOURS = [
     "error-500", "error-503", "garbage", "stream-garbage", "slow-first-token", "hang",
     "stream-slow", "stream-cut", "stream-reset", "stream-garbage-late", "no-usage", "sliced",
     "no-trailing-newline", "slow-first-event", "first-event-error", "keepalive-first",
-    "detailed-usage",
+    "detailed-usage", "stream-empty",
 ]  # fmt: skip
 PROMPT = {
     "system": "You classify tickets.",

@@ -252,3 +252,46 @@ def test_rate_limited_upstream_falls_back_or_passes_retry_after(
         assert alone.status_code == 429 and alone.headers["retry-after"] == "7"
         helped = _chat(url, "helped")
         assert helped.status_code == 200 and helped.headers["x-turnout-variant"] == "ok"
+
+
+def test_billed_stream_that_ends_before_any_event_is_not_resent(
+    upstreams: Upstreams, recorder: Recorder
+) -> None:
+    config = _with_routes(
+        base_config(upstreams), r={"split": {"stream-empty": 1}, "fallback": ["ok"]}
+    )
+    with running(config) as (url, _):
+        response = _chat(url, "r", stream=True)
+    assert response.status_code == 502
+    assert (_count(recorder, "stream-empty"), _count(recorder, "ok")) == (1, 0)
+
+
+def test_running_out_of_time_blames_no_one_else(upstreams: Upstreams, recorder: Recorder) -> None:
+    config = base_config(upstreams, first_byte=30.0, total=1.0)
+    config["variants"]["vllm-hang"] = {"upstream": "vllm", "model": "hang"}
+    _with_routes(config, r={"split": {"vllm-hang": 1}, "fallback": ["ok"]})
+    with running(config) as (url, app):
+        response = _chat(url, "r")
+        record = app.gateway.records.find(response.headers["x-request-id"])
+    assert response.status_code == 504
+    assert record is not None and record.attempts == 1 and record.variant == "vllm-hang"
+    assert _count(recorder, "ok") == 0
+    assert app.gateway.breakers.last_failure("ok") == float("-inf")
+    assert app.gateway.breakers.open_circuits(time.monotonic()) == []
+
+
+def test_split_avoids_a_variant_whose_circuit_is_open(upstreams: Upstreams) -> None:
+    config = _with_routes(base_config(upstreams), r={"split": {"error-503": 1, "ok": 1}})
+    config["routing"] = {"breaker": {"consecutive_failures": 2, "cooldown_s": 60}}
+    with running(config) as (url, _):
+        statuses = [_chat(url, "r").status_code for _ in range(40)]
+    assert statuses.count(502) <= 2  # until the circuit opened; then only `ok` is drawn
+
+
+def test_retry_after_is_not_waited_when_no_attempt_may_follow(upstreams: Upstreams) -> None:
+    config = _with_routes(base_config(upstreams, total=20.0), r={"split": {"error-429": 1}})
+    config["routing"] = {"max_attempts": 1}
+    with running(config) as (url, _):
+        started = time.monotonic()
+        response = _chat(url, "r")
+    assert response.status_code == 429 and time.monotonic() - started < 2.0

@@ -255,3 +255,16 @@ def test_board_open_circuits_sorted() -> None:
     board.breaker("c", 0).failure(0.0)
     assert board.open_circuits(1.0) == [("a", 0), ("a", 1), ("b", 0)]
     assert board.open_circuits(10.0) == []
+
+
+def test_half_open_with_every_probe_out_admits_nothing_and_is_unavailable() -> None:
+    board = BreakerBoard(BreakerConfig(consecutive_failures=1, cooldown_s=1.0, half_open_probes=1))
+    breaker = board.breaker("v", 0)
+    breaker.failure(0.0)
+    assert not board.admits("v", 0, 0.5) and not board.variant_available("v", 1, 0.5)
+    assert board.admits("v", 0, 1.5) and board.variant_available("v", 1, 1.5)
+    assert breaker.allow(1.5)  # the one probe goes out
+    assert not board.admits("v", 0, 1.6) and not board.variant_available("v", 1, 1.6)
+    assert board.variant_available("v", 2, 1.6)  # replica 1 was never tried: it admits
+    breaker.release(1.7)
+    assert board.admits("v", 0, 1.7)
