@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SRC := gateway router serving tests
+SRC := gateway router serving tests bench
 
 .PHONY: demo test lint typecheck clean
 
