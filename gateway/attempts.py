@@ -145,11 +145,7 @@ class Attempts:
 
     def _last_resort(self, position: int) -> bool:
         now = time.monotonic()
-        later = self.plan[position + 1 :]
-        return not any(
-            self.gw.breakers.variant_available(v, len(self.gw.variants[v].upstream.roots), now)
-            for v in later
-        )
+        return not any(self.gw.available(v, now) for v in self.plan[position + 1 :])
 
     def _replicas_left(self, variant: VariantRuntime) -> bool:
         failed = self._failed.get(variant.name, set())
@@ -171,7 +167,4 @@ class Attempts:
         return max(wait, 0.0)
 
     def _publish_circuit(self, variant: VariantRuntime) -> None:
-        available = self.gw.breakers.variant_available(
-            variant.name, len(variant.upstream.roots), time.monotonic()
-        )
-        self.gw.metrics.circuit(variant.name, not available)
+        self.gw.metrics.circuit(variant.name, not self.gw.available(variant.name, time.monotonic()))

@@ -54,16 +54,15 @@ class Exchange:
         self.opened: Opened | None = None
         self.sent_at: float | None = None  # perf_counter when the upstream call began
         self.upstream_done_at: float | None = None
-        self._prompt_estimate: int | None = None
+        self._own_tokens: int | None = None  # the client's prompt, encoded at most once
 
     @property
     def prompt_estimate(self) -> int:
         """Prompt tokens before the call, for limits: the client's own text, encoded once, plus
         the variant's injected prompt, counted once at start."""
-        if self._prompt_estimate is None:
-            own = prompt_tokens(self.variant.counter, self.client.body)
-            self._prompt_estimate = own + self.variant.injected_tokens
-        return self._prompt_estimate
+        if self._own_tokens is None:
+            self._own_tokens = prompt_tokens(self.variant.counter, self.client.body)
+        return self._own_tokens + self.variant.injected_tokens
 
     def _prepare(self, variant: VariantRuntime) -> None:
         """Make `variant` the one called next (a fallback gets its own shaping)."""
@@ -71,7 +70,6 @@ class Exchange:
             self.sent = shape(self.client, variant)
             self.variant = variant
             self.ctx.variant = variant.name
-            self._prompt_estimate = None
 
     async def run(self) -> Response[Any]:
         if self.client.stream:

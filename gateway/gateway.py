@@ -101,6 +101,11 @@ class Gateway:
     def route(self, name: str) -> Route | None:
         return self.settings.routes.get(name)
 
+    def available(self, variant: str, now: float) -> bool:
+        """Some replica of `variant` would let an attempt through its circuit now."""
+        replicas = len(self.variants[variant].upstream.roots)
+        return self.breakers.variant_available(variant, replicas, now)
+
     def cost(
         self,
         variant: VariantRuntime,

@@ -17,7 +17,6 @@ from gateway.exchange import Exchange
 from gateway.gateway import Gateway
 from gateway.rules_config import request_facts
 from gateway.settings import Route
-from gateway.shaping import shape
 from router.plan import attempt_plan
 from router.rules import first_match
 from router.selection import choose_variant, sticky_subject
@@ -72,26 +71,17 @@ def choose(
             split = dict(rule.split)
     subject = sticky_subject(route.sticky, user=client.user, key_name=key, headers=headers)
     now = time.monotonic()
-    failing = [
-        v
-        for v in split
-        if not gw.breakers.variant_available(v, len(gw.variants[v].upstream.roots), now)
-    ]
+    failing = [v for v in split if not gw.available(v, now)]
     return choose_variant(client.model, list(split.items()), subject, gw.rand.random, failing)
 
 
 def plan(gw: Gateway, route: Route, chosen: str) -> list[str]:
     """The variants to try: the chosen one, then the fallbacks, skipping open circuits."""
-    if not route.fallback and gw.breakers.variant_available(
-        chosen, len(gw.variants[chosen].upstream.roots), time.monotonic()
-    ):
-        return [chosen]
     now = time.monotonic()
+    if not route.fallback and gw.available(chosen, now):
+        return [chosen]
     return attempt_plan(
-        chosen,
-        route.fallback,
-        lambda v: gw.breakers.variant_available(v, len(gw.variants[v].upstream.roots), now),
-        gw.breakers.last_failure,
+        chosen, route.fallback, lambda v: gw.available(v, now), gw.breakers.last_failure
     )
 
 
@@ -104,6 +94,3 @@ async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
-
-
-__all__ = ["plan", "proxy", "shape"]
