@@ -9,6 +9,7 @@ TurnoutError                       (status, type, code; message safe to show)
 ├── MethodNotAllowed      405      invalid_request_error / method_not_allowed
 ├── PayloadTooLarge       413      invalid_request_error / request_too_large
 ├── RateLimited           429      rate_limit_error (optional Retry-After)
+├── ServiceUnavailable    503      server_error / state_unavailable
 ├── ClientDisconnected    499      (never sent: the client has gone)
 └── UpstreamError         502/504  upstream failures, made once at the adapter
     ├── UpstreamRejected  502      upstream refused Turnout's credentials or config
@@ -114,6 +115,14 @@ class RateLimited(TurnoutError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class ServiceUnavailable(TurnoutError):
+    """A part of the gateway itself (the shared state store) cannot be reached."""
+
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"
 
 
 class ClientDisconnected(TurnoutError):

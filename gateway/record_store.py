@@ -19,7 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.errors import TurnoutError
+from gateway.errors import ServiceUnavailable
 from gateway.records import RequestRecord
 from gateway.settings import Settings
 
@@ -254,9 +254,9 @@ def _decode(data: bytes) -> RequestRecord | None:
         return None  # written by an incompatible version: skipped, not fatal
 
 
-def _unavailable(exc: RedisError) -> TurnoutError:
+def _unavailable(exc: RedisError) -> ServiceUnavailable:
     log.warning("record store: Redis read failed (%s)", _why(exc))
-    return TurnoutError("The record store is unavailable.", code="state_unavailable")
+    return ServiceUnavailable("The record store is unavailable.")
 
 
 class JsonlSink:
