@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from gateway.config_check import SettingsError, check_file, load_settings
+from gateway.gateway import WORKERS_ENV
 from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Turnout LLM gateway.")
@@ -30,6 +31,7 @@ def serve(
     configure_logging()
     settings = _load_or_exit(config)
     os.environ[CONFIG_ENV] = str(config.resolve())
+    os.environ[WORKERS_ENV] = str(workers)
     with shared_metrics(workers):
         uvicorn.run(
             "gateway.serve:app_from_env",

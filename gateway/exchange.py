@@ -20,8 +20,10 @@ from gateway.context import Message, RequestContext
 from gateway.errors import ClientDisconnected, TurnoutError, UpstreamError
 from gateway.estimate import choice_texts, estimate, prompt_tokens, stream_texts
 from gateway.gateway import Gateway, VariantRuntime
+from gateway.limits import Admission
 from gateway.records import Latency, RequestRecord, Usage, prompt_tax, usage_from
 from gateway.relay import StreamRelay
+from gateway.settings import Key
 from gateway.shaping import shape
 from router.plan import Failure, Stage
 
@@ -39,7 +41,7 @@ class Exchange:
         client: bodies.ClientRequest,
         plan: list[str],
         receive: Callable[[], Awaitable[Message]],
-        key: str | None = None,
+        key: Key | None = None,
     ) -> None:
         """`plan`: the variants to try in order (the chosen one first). The first is shaped
         now, so that a request it cannot take fails here, before anything is recorded."""
@@ -49,6 +51,7 @@ class Exchange:
         ctx.variant = self.variant.name
         self.receive = receive
         self.key = key
+        self.admission: Admission | None = None
         self.deadline = Deadline(self.variant.upstream.timeouts.total)
         self.attempts = Attempts(gw, client.model, plan, self.deadline, self._prepare)
         self.opened: Opened | None = None
@@ -72,9 +75,30 @@ class Exchange:
             self.ctx.variant = variant.name
 
     async def run(self) -> Response[Any]:
+        await self._admit()
         if self.client.stream:
             return await self._stream()
         return await self._unary()
+
+    async def _admit(self) -> None:
+        """Rate limits and budgets (429 over a limit), held until the request is recorded."""
+        route = self.gw.route(self.client.model)
+        assert route is not None
+        body = self.client.body
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None:
+            max_tokens *= body.get("n") or 1
+        try:
+            self.admission = await self.gw.limiter.admit(
+                self.ctx.request_id,
+                self.key,
+                (self.client.model, route),
+                (self.prompt_estimate, max_tokens, self.variant.config.price),
+                self.deadline.total_s,
+            )
+        except TurnoutError as exc:
+            self._record(exc.status, Usage(), error=exc)
+            raise
 
     async def _open(self, variant: VariantRuntime, replica: int, *, stream: bool) -> Opened:
         self.opened = None  # an earlier attempt's call is closed; it must not be reported
@@ -249,7 +273,7 @@ class Exchange:
         record = RequestRecord(
             request_id=self.ctx.request_id,
             time=time.time() - (now - self.ctx.started),
-            key=self.key,
+            key=self.key.name if self.key else None,
             route=self.client.model,
             variant=self.variant.name,
             upstream=self.variant.upstream.name,
@@ -267,6 +291,8 @@ class Exchange:
             content=self._content(answer),
         )
         self.gw.account(record)
+        if self.admission is not None:
+            self.gw.spawn(self.admission.settle(usage, record.cost_usd))
         return record
 
     def _latency(self, now: float, usage: Usage, first_event_at: float | None) -> Latency:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -14,6 +16,7 @@ from redis.asyncio import Redis
 
 from gateway.auth import KeyRing
 from gateway.gpu_meter import GpuMeter
+from gateway.limits import Limiter
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.record_store import RecordKeeper, connect_redis, open_record_store
 from gateway.records import RequestRecord, Usage, token_cost
@@ -21,6 +24,8 @@ from gateway.rules_config import rules_from_settings
 from gateway.scraper import MetricsScraper
 from gateway.settings import Route, Settings, SimulatedUpstream, Variant, VllmUpstream
 from gateway.shadow import ShadowRunner
+from gateway.state_memory import MemoryState
+from gateway.state_redis import RedisState
 from gateway.tokens import OFFLINE_DEFAULT, REPLY_PRIMING, TokenCounter
 from gateway.upstreams import Upstream, build_upstream
 from router.breaker import BreakerBoard, BreakerConfig
@@ -28,6 +33,7 @@ from router.retry_budget import RetryBudget
 from router.shaping import shape_chat_messages
 
 log = logging.getLogger("turnout")
+WORKERS_ENV = "TURNOUT_WORKERS"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ class Gateway:
             for name, variant in settings.variants.items()
         }
         self.meters = _meters(settings)
+        self.limiter = Limiter(
+            MemoryState(), settings.state, share=_memory_share(settings, environ)
+        )
+        self.limiter.on_fallback = self.metrics.state_fallback
+        self.background: set[asyncio.Task[None]] = set()
         self.rules = {name: rules_from_settings(route) for name, route in settings.routes.items()}
         self.rules_count_tokens = {
             name: any(
@@ -143,20 +154,35 @@ class Gateway:
     def degraded(self) -> list[str]:
         """Parts that are not fully working, named for `/readyz`."""
         now = time.monotonic()
-        return [
-            f"circuit open: variant {variant} replica {replica}"
-            for variant, replica in self.breakers.open_circuits(now)
-        ] + [
-            f"upstream {s.upstream.name} replica {i}: metrics stale"
-            for s in self.scrapers
-            for i in s.upstream.stale_replicas(now)
-        ]
+        return (
+            [
+                f"circuit open: variant {variant} replica {replica}"
+                for variant, replica in self.breakers.open_circuits(now)
+            ]
+            + [
+                f"upstream {s.upstream.name} replica {i}: metrics stale"
+                for s in self.scrapers
+                for i in s.upstream.stale_replicas(now)
+            ]
+            + (
+                ["redis: limits and budgets on the local fallback"]
+                if self.limiter.unavailable_since
+                else []
+            )
+        )
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` off the response path; it is awaited (briefly) at shutdown."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def start(self) -> None:
         """Connect the shared state store (if configured) and start the record writers."""
         url = self.settings.state.redis_url
         if url is not None:
             self.redis = connect_redis(url)
+            self.limiter.shared = RedisState(self.redis, self.settings.state.key_prefix)
             self.records = open_record_store(self.settings, self.redis)
         await self.records.start()
         for scraper in self.scrapers:
@@ -166,6 +192,8 @@ class Gateway:
         try:
             for scraper in self.scrapers:
                 await scraper.aclose()
+            if self.background:  # settles still under way: give them a moment
+                await asyncio.wait(self.background, timeout=5)
             await self.shadows.aclose()  # before the records and clients shadows still use
             await self.records.aclose()  # flushes pending records to Redis and the file
             if self.redis is not None:
@@ -174,6 +202,24 @@ class Gateway:
                 await upstream.aclose()
         finally:
             self.metrics.close()
+
+
+def _memory_share(settings: Settings, environ: Mapping[str, str]) -> int:
+    """With in-process state behind N workers, each enforces 1/N of every limit (said aloud),
+    so limits are never silently multiplied by N."""
+    workers = int(environ.get(WORKERS_ENV, "1") or 1)
+    limited = any(k.rpm or k.tpm or k.budget for k in settings.keys) or any(
+        r.budget for r in settings.routes.values()
+    )
+    if settings.state.redis_url is None and workers > 1 and limited:
+        log.warning(
+            "%d workers share no state store: each enforces 1/%d of every rate limit and "
+            "budget; set state.redis_url for exact shared limits",
+            workers,
+            workers,
+        )
+        return workers
+    return 1
 
 
 def _warn_inexact_tokenizers(variants: Iterable[VariantRuntime]) -> None:

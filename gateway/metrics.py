@@ -170,6 +170,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.state_fallbacks = Counter(
+            "turnout_state_fallbacks",
+            "Decisions made without the shared state store (it was away), by feature: "
+            "rate_limit (a local share of the limit) or budget (refused, or a local allowance).",
+            ["feature"],
+            registry=registry,
+        )
         self.shadow = Counter(
             "turnout_shadow",
             "Shadow requests compared with their primary, by agreement: agree, disagree, error.",
@@ -217,6 +224,9 @@ class Metrics:
 
     def shadowed(self, route: str, agreement: Agreement) -> None:
         self.shadow.labels(route if route in self._routes else OTHER, agreement).inc()
+
+    def state_fallback(self, feature: str) -> None:
+        self.state_fallbacks.labels("budget" if feature == "budget" else "rate_limit").inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition (every worker's, merged, in multiprocess mode) and its type."""

@@ -45,7 +45,7 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     ctx.route = client.model
     name = choose(gw, route, client, key.name if key else None, request.headers)
     ctx.variant = name
-    exchange = Exchange(gw, ctx, client, plan(gw, route, name), receive, key.name if key else None)
+    exchange = Exchange(gw, ctx, client, plan(gw, route, name), receive, key)
     request.state[STAGE] = EXCHANGE
     return await exchange.run()
 

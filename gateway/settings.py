@@ -27,6 +27,14 @@ class State(Strict, frozen=True):
 
     redis_url: str | None = None
     key_prefix: Annotated[str, msgspec.Meta(max_length=64)] = "turnout:"
+    # Gateway processes sharing the limits: while Redis is away each gets limit / replicas.
+    replicas: PositiveInt = 1
+    # While Redis is away budgets are `closed` (refused, 503) or `local`: each process may
+    # spend up to local_budget_usd per budget period on its own.
+    budget_when_unavailable: Literal["closed", "local"] = "closed"
+    local_budget_usd: NonNegFloat = 0.0
+    # Output tokens reserved (rate limits, budgets) for a request that sets no max_tokens.
+    max_tokens_ceiling: PositiveInt = 4096
 
 
 class Timeouts(Strict, frozen=True):
@@ -165,6 +173,7 @@ class Route(Strict, frozen=True):
     fallback: list[str] = []
     shadow: Shadow | None = None
     rules: list[Rule] = []
+    budget: Budget | None = None  # for every key together
 
 
 class Breaker(Strict, frozen=True):
