@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Coroutine, Iterable, Mapping
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from gateway.auth import KeyRing
+from gateway.directory import Directory, MemoryDirectory
+from gateway.directory_redis import RedisDirectory
 from gateway.gpu_meter import GpuMeter
 from gateway.limits import Limiter
 from gateway.metrics import MULTIPROC_ENV, Metrics
@@ -63,7 +66,8 @@ class Gateway:
 
     def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
         self.settings = settings
-        self.keys = KeyRing(settings.keys)
+        self.directory: Directory = MemoryDirectory()  # run-time keys, assignment overrides
+        self.keys = KeyRing(settings.keys, self.directory)
         self.admin_key = environ.get(settings.admin_key_env or "") or None
         self.redis: Redis | None = None  # the shared state store, connected by start()
         self.records: RecordKeeper = open_record_store(settings, None)
@@ -87,7 +91,10 @@ class Gateway:
             MemoryState(), settings.state, share=_memory_share(settings, environ)
         )
         self.limiter.on_fallback = self.metrics.state_fallback
+        self.keys.on_fallback = self.metrics.state_fallback
         self.background: set[asyncio.Task[None]] = set()
+        self.redis_down = False
+        self._redis_checked = -math.inf
         self.rules = {name: rules_from_settings(route) for name, route in settings.routes.items()}
         self.rules_count_tokens = {
             name: any(
@@ -165,11 +172,25 @@ class Gateway:
                 for i in s.upstream.stale_replicas(now)
             ]
             + (
-                ["redis: limits and budgets on the local fallback"]
-                if self.limiter.unavailable_since
+                ["redis: unreachable, limits and budgets on local fallbacks"]
+                if self.redis_down or self.limiter.unavailable_since is not None
                 else []
             )
         )
+
+    async def check_redis(self) -> None:
+        """Ping the shared store (at most once a second) so `/readyz` tells when it is away,
+        even on a gateway whose requests never touch it."""
+        now = time.monotonic()
+        if self.redis is None or now - self._redis_checked < 1.0:
+            return
+        self._redis_checked = now
+        try:
+            await self.redis.ping()
+        except Exception:
+            self.redis_down = True
+            return
+        self.redis_down = False
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` off the response path; it is awaited (briefly) at shutdown."""
@@ -183,6 +204,11 @@ class Gateway:
         if url is not None:
             self.redis = connect_redis(url)
             self.limiter.shared = RedisState(self.redis, self.settings.state.key_prefix)
+            self.directory = RedisDirectory(self.redis, self.settings.state.key_prefix)
+            self.keys.directory = self.directory
+            await self.check_redis()
+            if self.redis_down:
+                log.warning("Redis is unreachable at start: running degraded until it answers")
             self.records = open_record_store(self.settings, self.redis)
         await self.records.start()
         for scraper in self.scrapers:

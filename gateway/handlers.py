@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from gateway import admin
 from gateway import body as bodies
 from gateway.auth import check_admin, may_call
 from gateway.errors import NotFound
@@ -37,7 +38,7 @@ async def embeddings(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
 @get("/v1/models")
 async def models(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
     """The routes this key may call, in OpenAI's list shape."""
-    key = gw.keys.authenticate(request.headers.get("authorization"))
+    key = await gw.keys.authenticate(request.headers.get("authorization"))
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "turnout"}
         for name in gw.settings.routes
@@ -58,6 +59,37 @@ async def request_record(
     return Response(msgspec.json.encode(record), media_type="application/json")
 
 
+@post("/turnout/keys", status_code=201)
+async def create_key(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    """A new run-time key; its token is in this answer only (admin key)."""
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await admin.create_key(gw, admin.parse(await request.body(), admin.NewKey))
+
+
+@get("/turnout/keys")
+async def list_keys(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await admin.list_keys(gw)
+
+
+@post("/turnout/keys/{name:str}/disable", status_code=200)
+async def disable_key(request: AnyRequest, gw: GatewayDep, name: FromPath[str]) -> dict[str, Any]:
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await admin.disable_key(gw, name)
+
+
+@post("/turnout/assignments", status_code=200)
+async def assign(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await admin.assign(gw, admin.parse(await request.body(), admin.Assignment))
+
+
+@delete("/turnout/assignments", status_code=200)
+async def unassign(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await admin.unassign(gw, admin.parse(await request.body(), admin.Assignment))
+
+
 @get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -65,6 +97,7 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(gw: GatewayDep) -> Response[dict[str, Any]]:
+    await gw.check_redis()
     degraded = gw.degraded()
     status = "degraded" if degraded else "ready"
     return Response({"status": status, "degraded": degraded}, status_code=200)
@@ -80,5 +113,6 @@ async def metrics(gw: GatewayDep) -> Response[bytes]:
 
 ROUTES = [
     *(chat_completions, completions, embeddings, models, request_record),
+    *(create_key, list_keys, disable_key, assign, unassign),
     *(healthz, readyz, metrics),
 ]

@@ -25,6 +25,7 @@ from router.limits import period_bounds
 log = logging.getLogger("turnout.limits")
 MINUTE = 60.0
 HOLD_GRACE_S = 60.0  # a hold outlives the request's deadline by this much
+PROBE_S = 1.0  # while the shared store is away, it is asked again once per this interval
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Limiter:
     local: MemoryState = field(default_factory=MemoryState)
     unavailable_since: float | None = None
     on_fallback: Callable[[str], None] = lambda feature: None
+    _next_probe: float = 0.0
 
     async def admit(
         self,
@@ -67,23 +69,29 @@ class Limiter:
             raise
         return admission
 
-    async def take(self, key: str, cost: float, limit: float) -> tuple[bool, float, bool]:
-        """(allowed, retry_after_s, too_large) from the shared store, or the local share."""
-        try:
-            decision = await self.shared.take(key, cost, limit / self.share, MINUTE)
-            self._recovered()
-        except StateUnavailable:
-            self._fell_back("rate_limit")
-            decision = await self.local.take(key, cost, limit / self._local_share, MINUTE)
-        return decision.allowed, decision.retry_after_s, decision.too_large
+    async def take(self, key: str, cost: float, limit: float) -> tuple[bool, float, bool, bool]:
+        """(allowed, retry_after_s, too_large, shared) from the shared store, or the local share."""
+        if self.use_shared():
+            try:
+                decision = await self.shared.take(key, cost, limit / self.share, MINUTE)
+                self.recovered()
+                return decision.allowed, decision.retry_after_s, decision.too_large, True
+            except StateUnavailable:
+                self.fell_back("rate_limit")
+        else:
+            self.on_fallback("rate_limit")
+        decision = await self.local.take(key, cost, limit / self._local_share, MINUTE)
+        return decision.allowed, decision.retry_after_s, decision.too_large, False
 
     async def give_back(self, key: str, cost: float, limit: float, shared: bool) -> None:
-        store = self.shared if shared else self.local
-        share = self.share if shared else self._local_share
-        try:
-            await store.give_back(key, cost, limit / share, MINUTE)
-        except StateUnavailable:
-            self._fell_back("rate_limit")
+        if not shared:
+            await self.local.give_back(key, cost, limit / self._local_share, MINUTE)
+            return
+        if self.use_shared():  # else the units come back on their own as the window moves
+            try:
+                await self.shared.give_back(key, cost, limit / self.share, MINUTE)
+            except StateUnavailable:
+                self.fell_back("rate_limit")
 
     async def reserve(
         self, name: str, budget: Budget, amount: float, ttl_s: float, reservation: str
@@ -93,38 +101,58 @@ class Limiter:
         start, end = period_bounds(budget.per, time.time())
         period = f"{name}:{budget.per}:{int(start)}"
         limit = budget.usd
-        try:
-            decision = await self.shared.reserve(period, reservation, amount, limit, end, ttl_s)
-            self._recovered()
-            return decision.allowed, decision.retry_after_s, period, True
-        except StateUnavailable:
-            self._fell_back("budget")
-            if self.policy.budget_when_unavailable == "closed":
-                raise ServiceUnavailable(
-                    "Budgets cannot be checked right now (the shared state store is away)."
-                ) from None
+        if self.use_shared():
+            try:
+                decision = await self.shared.reserve(period, reservation, amount, limit, end, ttl_s)
+                self.recovered()
+                return decision.allowed, decision.retry_after_s, period, True
+            except StateUnavailable:
+                self.fell_back("budget")
+        else:
+            self.on_fallback("budget")
+        if self.policy.budget_when_unavailable == "closed":
+            raise ServiceUnavailable(
+                "Budgets cannot be checked right now (the shared state store is away)."
+            )
         allowance = min(self.policy.local_budget_usd, limit)
         decision = await self.local.reserve(period, reservation, amount, allowance, end, ttl_s)
         return decision.allowed, decision.retry_after_s, period, False
 
     async def settle(self, period: str, reservation: str, cost: float, shared: bool) -> None:
+        if not shared:
+            await self.local.settle(period, reservation, cost)
+            return
         try:
-            await (self.shared if shared else self.local).settle(period, reservation, cost)
+            await self.shared.settle(period, reservation, cost)
         except StateUnavailable:
-            self._fell_back("budget")  # the hold expires by itself; this spend goes unrecorded
+            self.fell_back("budget")  # the hold expires by itself; this spend goes unrecorded
             log.warning("could not settle %s on the state store; its hold will expire", period)
 
     @property
     def _local_share(self) -> int:
         return self.share * self.policy.replicas
 
-    def _fell_back(self, feature: str) -> None:
+    def use_shared(self) -> bool:
+        """Ask the shared store? While it is away, one caller a second probes it; the others go
+        straight to the local fallback, so a frozen store costs its deadline once a second,
+        not on every request."""
         if self.unavailable_since is None:
-            self.unavailable_since = time.monotonic()
+            return True
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_S
+        return True
+
+    def fell_back(self, feature: str) -> None:
+        now = time.monotonic()
+        self._next_probe = now + PROBE_S
+        if self.unavailable_since is None:
+            self.unavailable_since = now
             log.warning("state store unavailable: %s falls back to local limits", feature)
         self.on_fallback(feature)
 
-    def _recovered(self) -> None:
+    def recovered(self) -> None:
         if self.unavailable_since is not None:
             self.unavailable_since = None
             log.warning("state store is back: limits and budgets are shared again")
@@ -142,8 +170,7 @@ class Admission:
     _settled: bool = False
 
     async def take(self, key: str, cost: float, limit: float, label: str) -> None:
-        allowed, retry, too_large = await self.limiter.take(key, cost, limit)
-        shared = self.limiter.unavailable_since is None
+        allowed, retry, too_large, shared = await self.limiter.take(key, cost, limit)
         if too_large:
             raise RateLimited(f"This request needs more than the key's {label} limit ({limit:g}).")
         if not allowed:

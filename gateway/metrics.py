@@ -173,7 +173,8 @@ class Metrics:
         self.state_fallbacks = Counter(
             "turnout_state_fallbacks",
             "Decisions made without the shared state store (it was away), by feature: "
-            "rate_limit (a local share of the limit) or budget (refused, or a local allowance).",
+            "rate_limit (a local share of the limit), budget (refused, or a local allowance), "
+            "auth (the local key cache) or assignment (the sticky hash, no override).",
             ["feature"],
             registry=registry,
         )
@@ -226,7 +227,8 @@ class Metrics:
         self.shadow.labels(route if route in self._routes else OTHER, agreement).inc()
 
     def state_fallback(self, feature: str) -> None:
-        self.state_fallbacks.labels("budget" if feature == "budget" else "rate_limit").inc()
+        known = feature in ("budget", "auth", "assignment")
+        self.state_fallbacks.labels(feature if known else "rate_limit").inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition (every worker's, merged, in multiprocess mode) and its type."""

@@ -17,6 +17,7 @@ from gateway.exchange import Exchange
 from gateway.gateway import Gateway
 from gateway.rules_config import request_facts
 from gateway.settings import Route
+from gateway.state import StateUnavailable
 from router.plan import attempt_plan
 from router.rules import first_match
 from router.selection import choose_variant, sticky_subject
@@ -31,7 +32,7 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     """Handle one OpenAI API call end to end."""
     request.state[STAGE] = EDGE
     ctx = context_of(request.scope)  # type: ignore[arg-type]
-    key = gw.keys.authenticate(request.headers.get("authorization"))
+    key = await gw.keys.authenticate(request.headers.get("authorization"))
     receive = cast(Receive, request.receive)
     raw = await bodies.read_limited(
         _body_chunks(receive),
@@ -43,22 +44,27 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     if route is None or not may_call(key, client.model):
         raise ModelNotFound(client.model)
     ctx.route = client.model
-    name = choose(gw, route, client, key.name if key else None, request.headers)
+    name = await choose(gw, route, client, key.name if key else None, request.headers)
     ctx.variant = name
     exchange = Exchange(gw, ctx, client, plan(gw, route, name), receive, key)
     request.state[STAGE] = EXCHANGE
     return await exchange.run()
 
 
-def choose(
+async def choose(
     gw: Gateway,
     route: Route,
     client: bodies.ClientRequest,
     key: str | None,
     headers: Mapping[str, str],
 ) -> str:
-    """The variant for this request: the first matching rule's, else a draw from the split
-    (sticky when the route says so; a rule's own split uses the same draw)."""
+    """The variant for this request: the sticky subject's override, else the first matching
+    rule's, else a draw from the split (sticky when the route says so; a rule's own split uses
+    the same draw)."""
+    subject = sticky_subject(route.sticky, user=client.user, key_name=key, headers=headers)
+    pinned = await _override(gw, client.model, route, subject)
+    if pinned is not None:
+        return pinned
     split = route.split
     rules = gw.rules[client.model]
     if rules:
@@ -69,10 +75,26 @@ def choose(
             return rule.variant
         if rule is not None and rule.split is not None:
             split = dict(rule.split)
-    subject = sticky_subject(route.sticky, user=client.user, key_name=key, headers=headers)
     now = time.monotonic()
     failing = [v for v in split if not gw.available(v, now)]
     return choose_variant(client.model, list(split.items()), subject, gw.rand.random, failing)
+
+
+async def _override(gw: Gateway, name: str, route: Route, subject: str | None) -> str | None:
+    """The variant an admin pinned `subject` to on this route, if it is still one of the route's.
+    A store that is away means no override: the sticky hash decides, as it always does."""
+    if subject is None:
+        return None
+    if not gw.limiter.use_shared():  # the store is away: no lookup at all, the hash decides
+        gw.metrics.state_fallback("assignment")
+        return None
+    try:
+        variant = await gw.directory.get_assignment(name, subject)
+    except StateUnavailable:
+        gw.limiter.fell_back("assignment")
+        return None
+    gw.limiter.recovered()
+    return variant if variant in route.split or variant in route.fallback else None
 
 
 def plan(gw: Gateway, route: Route, chosen: str) -> list[str]:

@@ -20,6 +20,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging() -> None:
     """Plain timestamped lines on stderr for Turnout's own loggers (every worker calls this)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # One line per upstream call would flood the log and cost time on every request.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def app_from_env() -> TurnoutApp:

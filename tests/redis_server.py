@@ -19,10 +19,33 @@ STARTUP_TIMEOUT_S = 10.0
 class RedisServer:
     """A running private redis-server: its URL, and a way to freeze it (SIGSTOP) for a while."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, argv: list[str]) -> None:
         self.process = process
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self._argv = argv
+
+    def kill(self) -> None:
+        """SIGKILL the server: open connections are reset, new ones refused, its data lost."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self) -> None:
+        """Start a fresh (empty) server on the same port, after `kill()`, once it answers PING."""
+        if self.process.poll() is None:
+            self.kill()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:  # the port may linger for a moment after the kill
+            process = subprocess.Popen(
+                self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if _wait_ready(process, self.port):
+                self.process = process
+                return
+            _stop(process)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not restart on port {self.port}")
+            time.sleep(0.05)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -57,7 +80,7 @@ def _start(path: str, workdir: Path) -> RedisServer:
         ]
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if _wait_ready(process, port):
-            return RedisServer(process, port)
+            return RedisServer(process, port, argv)
         _stop(process)
     log = workdir / "redis.log"
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
