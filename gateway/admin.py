@@ -54,8 +54,18 @@ def parse(raw: bytes, kind: type[T]) -> T:
         raise BadRequest("The request body is not valid JSON.") from None
 
 
+def _needs_shared_state(gw: Gateway) -> None:
+    """Several workers without a shared store would each keep their own keys and pins."""
+    if gw.workers > 1 and gw.settings.state.redis_url is None:
+        raise BadRequest(
+            "Run-time keys and assignments need `state.redis_url` when several workers run: "
+            "each worker would otherwise keep its own copy."
+        )
+
+
 async def create_key(gw: Gateway, new: NewKey) -> dict[str, Any]:
     """Store a new key and return its description with its token (the only time it is shown)."""
+    _needs_shared_state(gw)
     if gw.keys.open:
         raise BadRequest(
             "This gateway is open (no `keys` configured), so a key would protect nothing: "
@@ -85,6 +95,7 @@ async def list_keys(gw: Gateway) -> dict[str, Any]:
 
 
 async def disable_key(gw: Gateway, name: str) -> dict[str, Any]:
+    _needs_shared_state(gw)
     if gw.keys.configured(name):
         raise BadRequest(
             f"`{name}` is a configured key: disable it in the configuration.", param="name"
@@ -96,6 +107,7 @@ async def disable_key(gw: Gateway, name: str) -> dict[str, Any]:
 
 async def assign(gw: Gateway, assignment: Assignment) -> dict[str, Any]:
     """Pin a subject to a variant of the route's split or fallbacks."""
+    _needs_shared_state(gw)
     route = _route(gw, assignment)
     variant = assignment.variant
     if variant is None:

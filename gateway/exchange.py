@@ -89,11 +89,11 @@ class Exchange:
         if max_tokens is not None:
             max_tokens *= body.get("n") or 1
         try:
+            prices = [self.gw.variants[v].config.price for v in self.attempts.plan]
             self.admission = await self.gw.limiter.admit(
-                self.ctx.request_id,
                 self.key,
                 (self.client.model, route),
-                (self.prompt_estimate, max_tokens, self.variant.config.price),
+                (self.prompt_estimate, max_tokens, prices),
                 self.deadline.total_s,
             )
         except TurnoutError as exc:

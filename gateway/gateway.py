@@ -87,6 +87,7 @@ class Gateway:
             for name, variant in settings.variants.items()
         }
         self.meters = _meters(settings)
+        self.workers = int(environ.get(WORKERS_ENV, "1") or 1)
         self.limiter = Limiter(
             MemoryState(), settings.state, share=_memory_share(settings, environ)
         )

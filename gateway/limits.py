@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.errors import RateLimited, ServiceUnavailable
@@ -42,18 +43,19 @@ class Limiter:
 
     async def admit(
         self,
-        request_id: str,
         key: Key | None,
         route: tuple[str, Route],
-        request: tuple[int, int | None, Price | None],
+        request: tuple[int, int | None, Sequence[Price | None]],
         deadline_s: float,
     ) -> Admission:
         """Take the request's units and hold its maximum cost, or raise 429 (or 503).
 
-        `request` = (prompt token estimate, max_tokens or None, the variant's price).
+        `request` = (prompt token estimate, max_tokens or None, the prices of every variant the
+        request may be sent to: the hold is at the dearest, so a fallback never overspends).
+        Holds carry an id made here, never one a client could choose and repeat.
         """
-        admission = Admission(self, request_id)
-        prompt, max_tokens, price = request
+        admission = Admission(self, uuid.uuid4().hex)
+        prompt, max_tokens, prices = request
         completion = max_tokens or self.policy.max_tokens_ceiling
         try:
             if key is not None and key.rpm:
@@ -61,7 +63,8 @@ class Limiter:
             if key is not None and key.tpm:
                 label = "tokens per minute"
                 await admission.take(f"key:{key.name}:tpm", prompt + completion, key.tpm, label)
-            most = token_cost(price, Usage(prompt=prompt, completion=completion))
+            usage = Usage(prompt=prompt, completion=completion)
+            most = max((token_cost(price, usage) for price in prices), default=0.0)
             for name, budget in _budgets(key, route):
                 await admission.reserve(name, budget, most, deadline_s + HOLD_GRACE_S)
         except BaseException:
@@ -100,7 +103,7 @@ class Limiter:
         period; `period` names the budget in that period (settle there)."""
         start, end = period_bounds(budget.per, time.time())
         period = f"{name}:{budget.per}:{int(start)}"
-        limit = budget.usd
+        limit = budget.usd / self.share
         if self.use_shared():
             try:
                 decision = await self.shared.reserve(period, reservation, amount, limit, end, ttl_s)
@@ -171,8 +174,8 @@ class Admission:
 
     async def take(self, key: str, cost: float, limit: float, label: str) -> None:
         allowed, retry, too_large, shared = await self.limiter.take(key, cost, limit)
-        if too_large:
-            raise RateLimited(f"This request needs more than the key's {label} limit ({limit:g}).")
+        if too_large:  # no wait helps; Retry-After still tells a client's retry loop to back off
+            raise _limited(f"This request needs more than the key's {label} limit ({limit:g}).", 60)
         if not allowed:
             raise _limited(f"Rate limit reached: {label} ({limit:g}).", retry)
         self._taken.append((key, cost, limit, shared))

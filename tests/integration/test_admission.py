@@ -154,3 +154,42 @@ def test_redis_away_limits_fall_back_budgets_close(
             assert time.monotonic() < deadline, "never back on Redis"
             time.sleep(0.1)
         assert httpx.get(url + "/readyz").json()["degraded"] == []
+
+
+def test_a_repeated_request_id_does_not_share_a_budget_hold(
+    upstreams: Upstreams, store: dict[str, Any]
+) -> None:
+    with running(_config(upstreams, store)) as (url, _):
+        cost = float(_chat(url, "paid", max_tokens=5).headers["x-turnout-cost-usd"])
+    budget = {"usd": round(3 * cost, 6), "per": "day"}
+    with running(_config(upstreams, store, budget=budget)) as (url, _):
+        statuses = [
+            httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": "paid", "messages": USER, "max_tokens": 5},
+                headers={**AUTH, "x-request-id": "same-id"},
+            ).status_code
+            for _ in range(5)
+        ]
+    assert statuses == [200, 200, 200, 429, 429]
+
+
+def test_too_large_for_the_limit_still_says_when_to_retry(
+    upstreams: Upstreams, store: dict[str, Any]
+) -> None:
+    with running(_config(upstreams, store, tpm=100)) as (url, _):
+        response = _chat(url, max_tokens=500)
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+
+
+async def test_memory_store_behind_workers_divides_budgets_too() -> None:
+    from gateway.limits import Limiter
+    from gateway.settings import Budget, Key, Price, Route, State
+    from gateway.state_memory import MemoryState
+
+    limiter = Limiter(MemoryState(), State(), share=2)
+    key = Key(name="k", sha256="0" * 64, budget=Budget(usd=1.0))
+    price = Price(input_per_mtok=0.0, output_per_mtok=1_000_000 * 0.6)  # $0.60 per token
+    route = ("r", Route(split={"v": 1.0}))
+    with pytest.raises(Exception, match="Budget reached"):
+        await limiter.admit(key, route, (0, 1, [price]), 10.0)  # 0.60 > 1.00 / 2
