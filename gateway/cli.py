@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gateway.config_check import SettingsError, check_file, load_settings
 from gateway.gateway import WORKERS_ENV
@@ -57,7 +58,7 @@ def check(
     problems = check_file(config, os.environ, strict=strict)
     for problem in problems:
         style = "red" if problem.severity == "error" else "yellow"
-        console.print(f"[{style}]{problem.severity}[/] {problem.path}: {problem.message}")
+        console.print(f"[{style}]{problem.severity}[/] {escape(str(problem))}")
     if any(p.severity == "error" for p in problems):
         raise typer.Exit(1)
     typer.echo("ok")
@@ -111,7 +112,7 @@ def _load_or_exit(path: Path):  # type: ignore[no-untyped-def]
         return load_settings(path, os.environ)
     except SettingsError as exc:
         for problem in exc.problems:
-            console.print(f"[red]{problem.severity}[/] {problem.path}: {problem.message}")
+            console.print(f"[red]{problem.severity}[/] {escape(str(problem))}")
         raise typer.Exit(2) from None
 
 
