@@ -26,40 +26,6 @@ ADAPTER_MISS = 4.0  # loading an adapter from CPU or disk delays the request
 ADAPTER_NO_SLOT = 4.0  # ... and with every LoRA slot busy, it waits for one to free up
 
 
-class InFlight:
-    """Requests in flight per replica index, for one upstream's replicas.
-
-    Not thread-safe: meant for one event loop, where acquire/release never interleave.
-    """
-
-    def __init__(self, replicas: int) -> None:
-        if replicas < 1:
-            raise ValueError("an upstream needs at least one replica")
-        self._counts = [0] * replicas
-
-    def __len__(self) -> int:
-        return len(self._counts)
-
-    @property
-    def counts(self) -> tuple[int, ...]:
-        """A snapshot of the in-flight count of each replica, by index."""
-        return tuple(self._counts)
-
-    def acquire(self, index: int) -> None:
-        """Count one more request in flight on replica `index`."""
-        self._counts[index] += 1
-
-    def release(self, index: int) -> None:
-        """Count one request on replica `index` as finished; ValueError if none was in flight."""
-        if self._counts[index] <= 0:
-            raise ValueError(f"replica {index} has no request in flight")
-        self._counts[index] -= 1
-
-    def pick(self, start: int) -> int:
-        """The least-outstanding replica, ties broken from `start` (see least_outstanding)."""
-        return least_outstanding(self._counts, start)
-
-
 def least_outstanding(in_flight: Sequence[int], start: int) -> int:
     """Index of the replica with the fewest requests in flight.
 

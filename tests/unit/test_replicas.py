@@ -12,7 +12,7 @@ import pytest
 
 from gateway.settings import Timeouts
 from gateway.upstreams.base import Upstream
-from router.replicas import InFlight, least_outstanding, pick_two, score, scores
+from router.replicas import least_outstanding, pick_two, score, scores
 from router.vllm_metrics import ReplicaLoad
 
 ADAPTER = "support-lora"
@@ -33,32 +33,6 @@ def test_ties_round_robin_from_start() -> None:
 def test_least_outstanding_rejects_empty() -> None:
     with pytest.raises(ValueError):
         least_outstanding([], 0)
-
-
-def test_in_flight_counts_and_shares_load() -> None:
-    in_flight = InFlight(3)
-    picks = []
-    for start in range(6):
-        index = in_flight.pick(start)
-        in_flight.acquire(index)
-        picks.append(index)
-    assert sorted(picks) == [0, 0, 1, 1, 2, 2]
-    assert in_flight.counts == (2, 2, 2)
-    in_flight.release(1)
-    assert in_flight.counts == (2, 1, 2)
-    assert in_flight.pick(0) == 1
-    assert len(in_flight) == 3
-
-
-def test_in_flight_release_without_acquire_is_an_error() -> None:
-    in_flight = InFlight(1)
-    with pytest.raises(ValueError):
-        in_flight.release(0)
-
-
-def test_in_flight_needs_a_replica() -> None:
-    with pytest.raises(ValueError):
-        InFlight(0)
 
 
 def test_score_without_load_is_in_flight() -> None:
