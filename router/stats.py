@@ -1,0 +1,202 @@
+"""Statistics for experiment reports: intervals for rates, means, percentiles and differences.
+
+Pure functions over plain numbers; randomness (for the bootstrap) is a `random.Random` passed
+in, so a report is reproducible from its seed. Differences are always `b - a`: `a` is the
+control, `b` the variant compared with it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+Statistic = Callable[[Sequence[float]], float]
+_NORMAL = NormalDist()
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval `[low, high]` around a point `estimate` (NaN when undefined)."""
+
+    low: float
+    high: float
+    estimate: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+
+@dataclass(frozen=True)
+class Difference(Interval):
+    """An interval of `b - a`; `significant` when it excludes 0 and the data can say so."""
+
+    significant: bool
+
+
+def _z(level: float) -> float:
+    """The two-sided normal quantile for confidence `level` (0.95 -> 1.959964...)."""
+    if not 0 < level < 1:
+        raise ValueError("level must be between 0 and 1")
+    return _NORMAL.inv_cdf(0.5 + level / 2)
+
+
+def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean (exactly rounded sum); NaN for no values."""
+    if not values:
+        return math.nan
+    return math.fsum(values) / len(values)
+
+
+def _sorted_percentile(ordered: Sequence[float], q: float) -> float:
+    position = (len(ordered) - 1) * q / 100
+    below = math.floor(position)
+    if below + 1 >= len(ordered):
+        return ordered[-1]
+    return ordered[below] + (position - below) * (ordered[below + 1] - ordered[below])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`th percentile (0-100) by linear interpolation between closest ranks, as
+    `numpy.percentile`'s default; NaN for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError("q must be between 0 and 100")
+    if not values:
+        return math.nan
+    return _sorted_percentile(sorted(values), q)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> Interval:
+    """Wilson score interval for a rate of `successes` in `n`; estimate `successes / n`.
+
+    With no trials nothing is known: `(0, 1)` around a NaN estimate.
+    """
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError("need 0 <= successes <= n")
+    if n == 0:
+        return Interval(0.0, 1.0, math.nan)
+    p = successes / n
+    scale = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    return Interval(max(centre - half, 0.0), min(centre + half, 1.0), p)
+
+
+def bootstrap(
+    values: Sequence[float],
+    stat: Statistic,
+    rng: random.Random,
+    resamples: int = 2000,
+    level: float = 0.95,
+) -> Interval:
+    """Percentile bootstrap interval of `stat` over `values`; estimate `stat(values)`.
+
+    No values: a NaN interval. One value: the degenerate interval at `stat` of it (resampling
+    one value cannot show spread, so callers should treat it as too few data).
+    """
+    if resamples < 1:
+        raise ValueError("resamples must be positive")
+    _z(level)
+    if not values:
+        return Interval(math.nan, math.nan, math.nan)
+    estimate = stat(values)
+    if len(values) == 1:
+        return Interval(estimate, estimate, estimate)
+    draws = sorted(stat(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return _percentile_interval(draws, estimate, level)
+
+
+def _percentile_interval(ordered: Sequence[float], estimate: float, level: float) -> Interval:
+    tail = (1 - level) / 2 * 100
+    return Interval(
+        _sorted_percentile(ordered, tail), _sorted_percentile(ordered, 100 - tail), estimate
+    )
+
+
+def _significant(interval: Interval) -> bool:
+    return interval.low > 0 or interval.high < 0
+
+
+def diff_of_means_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    rng: random.Random,
+    resamples: int = 2000,
+    level: float = 0.95,
+) -> Difference:
+    """Bootstrap interval of `mean(b) - mean(a)` for independent samples (each resampled
+    apart). Never significant with fewer than two values in either sample; NaN if one is empty.
+    """
+    if resamples < 1:
+        raise ValueError("resamples must be positive")
+    _z(level)
+    if not a or not b:
+        return Difference(math.nan, math.nan, math.nan, significant=False)
+    estimate = mean(b) - mean(a)
+    draws = sorted(
+        mean(rng.choices(b, k=len(b))) - mean(rng.choices(a, k=len(a))) for _ in range(resamples)
+    )
+    interval = _percentile_interval(draws, estimate, level)
+    enough = len(a) >= 2 and len(b) >= 2
+    return Difference(interval.low, interval.high, estimate, enough and _significant(interval))
+
+
+def diff_of_proportions_ci(sa: int, na: int, sb: int, nb: int, z: float = 1.96) -> Difference:
+    """Newcombe's hybrid score interval (1998, method 10) for `sb/nb - sa/na`, built from the
+    two Wilson intervals. With no trials in either arm: `(-1, 1)` around NaN, not significant.
+    """
+    wa, wb = wilson(sa, na, z), wilson(sb, nb, z)
+    if na == 0 or nb == 0:
+        return Difference(-1.0, 1.0, math.nan, significant=False)
+    pa, pb = wa.estimate, wb.estimate
+    estimate = pb - pa
+    low = estimate - math.hypot(pb - wb.low, wa.high - pa)
+    high = estimate + math.hypot(wb.high - pb, pa - wa.low)
+    interval = Interval(max(low, -1.0), min(high, 1.0), estimate)
+    return Difference(interval.low, interval.high, estimate, _significant(interval))
+
+
+def _power_z(alpha: float, power: float) -> tuple[float, float]:
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError("alpha and power must be between 0 and 1")
+    return _NORMAL.inv_cdf(1 - alpha / 2), _NORMAL.inv_cdf(power)
+
+
+def _per_arm(n: float) -> int:
+    # A hair below an integer is that integer: float noise must not add a request.
+    return max(math.ceil(n - 1e-9), 1)
+
+
+def sample_size_for_proportions(
+    p_control: float, min_effect: float, alpha: float = 0.05, power: float = 0.8
+) -> int:
+    """Requests per arm for a two-sided test at `alpha` to detect, with `power`, a rate moving
+    from `p_control` by `min_effect` (absolute, either sign), by the normal approximation with
+    the pooled variance under the null (Fleiss, no continuity correction)."""
+    p_other = p_control + min_effect
+    if min_effect == 0 or not 0 <= p_control <= 1 or not 0 <= p_other <= 1:
+        raise ValueError("need a non-zero effect with both rates between 0 and 1")
+    z_alpha, z_beta = _power_z(alpha, power)
+    pooled = (p_control + p_other) / 2
+    spread = z_alpha * math.sqrt(2 * pooled * (1 - pooled)) + z_beta * math.sqrt(
+        p_control * (1 - p_control) + p_other * (1 - p_other)
+    )
+    return _per_arm(spread * spread / (min_effect * min_effect))
+
+
+def sample_size_for_means(
+    sd: float, min_effect: float, alpha: float = 0.05, power: float = 0.8
+) -> int:
+    """Requests per arm for a two-sided test at `alpha` to detect, with `power`, a difference
+    of means of `min_effect` when each arm has standard deviation `sd` (normal approximation:
+    `2 * (z_alpha + z_beta)^2 * sd^2 / effect^2`)."""
+    if sd < 0 or min_effect == 0:
+        raise ValueError("need sd >= 0 and a non-zero effect")
+    z_alpha, z_beta = _power_z(alpha, power)
+    return _per_arm(2 * (z_alpha + z_beta) ** 2 * sd * sd / (min_effect * min_effect))
