@@ -307,6 +307,10 @@ def _check_routes(parts: _Parts) -> Iterator[Problem]:
             yield Problem(f"{path}.shadow.variant", f"unknown variant '{route.shadow.variant}'")
         for i, rule in enumerate(route.rules):
             yield from _check_rule(f"{path}.rules[{i}]", rule, variants)
+        metrics = [metric.name for metric in route.feedback]
+        for i, metric_name in enumerate(metrics):
+            if metric_name in metrics[:i]:
+                yield Problem(f"{path}.feedback[{i}].name", f"'{metric_name}' is declared twice")
 
 
 def _check_rule(path: str, rule: Rule, variants: set[str]) -> Iterator[Problem]:

@@ -9,10 +9,11 @@ from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from gateway import admin
+from gateway import admin, feedback
 from gateway import body as bodies
+from gateway import report as reports
 from gateway.auth import check_admin, may_call
-from gateway.errors import NotFound
+from gateway.errors import BadRequest, NotFound
 from gateway.gateway import Gateway
 from gateway.proxy import proxy
 
@@ -56,7 +57,34 @@ async def request_record(
     record = await gw.records.get(request_id)
     if record is None:
         raise NotFound(f"No record for request `{request_id}`.", param="request_id")
-    return Response(msgspec.json.encode(record), media_type="application/json")
+    answer = msgspec.to_builtins(record)
+    if notes := await feedback.feedback_of(gw, record):
+        answer["feedback"] = notes
+    return Response(msgspec.json.encode(answer), media_type="application/json")
+
+
+@post("/turnout/feedback", status_code=200)
+async def post_feedback(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    """Feedback on a request, by the key that made it or the admin key (see gateway.feedback)."""
+    auth = request.headers.get("authorization")
+    return await feedback.post_feedback(gw, auth, await request.body())
+
+
+@get("/turnout/report")
+async def report(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    """The experiment report (admin key): `route` (default every route), `since` (unix s)."""
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    name, since = request.query_params.get("route"), request.query_params.get("since")
+    routes = gw.settings.routes if name is None else {name: gw.settings.routes.get(name)}
+    if name is not None and routes[name] is None:
+        raise NotFound(f"No route `{name}`.", param="route")
+    try:
+        start = None if since is None else float(since)
+    except ValueError:
+        raise BadRequest("`since` must be unix seconds.", param="since") from None
+    records = await gw.records.recent(gw.settings.records.capacity, start)
+    chosen = {k: v for k, v in routes.items() if v is not None}
+    return reports.build_report(chosen, records, gw.settings.variants, gw.meters, since=start)
 
 
 @post("/turnout/keys", status_code=201)
@@ -112,7 +140,7 @@ async def metrics(gw: GatewayDep) -> Response[bytes]:
 
 
 ROUTES = [
-    *(chat_completions, completions, embeddings, models, request_record),
-    *(create_key, list_keys, disable_key, assign, unassign),
+    *(chat_completions, completions, embeddings, models, request_record, post_feedback),
+    *(report, create_key, list_keys, disable_key, assign, unassign),
     *(healthz, readyz, metrics),
 ]

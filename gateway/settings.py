@@ -167,6 +167,14 @@ class Rule(Strict, frozen=True):
     split: dict[str, float] | None = None
 
 
+class FeedbackMetric(Strict, frozen=True):
+    """A feedback metric clients may post on a route's requests (POST /turnout/feedback)."""
+
+    name: Name
+    type: Literal["bool", "float"]
+    higher_is_better: bool = True
+
+
 class Route(Strict, frozen=True):
     split: Annotated[dict[str, float], msgspec.Meta(min_length=1)]
     sticky: str | None = None  # user | key | header:<name>
@@ -174,6 +182,7 @@ class Route(Strict, frozen=True):
     shadow: Shadow | None = None
     rules: list[Rule] = []
     budget: Budget | None = None  # for every key together
+    feedback: list[FeedbackMetric] = []
 
 
 class Breaker(Strict, frozen=True):

@@ -85,7 +85,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> Interval:
     scale = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / scale
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
-    return Interval(max(centre - half, 0.0), min(centre + half, 1.0), p)
+    # It always contains p; the clamps stop float noise (0 or n successes) from excluding it.
+    return Interval(min(max(centre - half, 0.0), p), max(min(centre + half, 1.0), p), p)
 
 
 def bootstrap(
@@ -141,6 +142,31 @@ def diff_of_means_ci(
     estimate = mean(b) - mean(a)
     draws = sorted(
         mean(rng.choices(b, k=len(b))) - mean(rng.choices(a, k=len(a))) for _ in range(resamples)
+    )
+    interval = _percentile_interval(draws, estimate, level)
+    enough = len(a) >= 2 and len(b) >= 2
+    return Difference(interval.low, interval.high, estimate, enough and _significant(interval))
+
+
+def diff_of_stats_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    stat: Statistic,
+    rng: random.Random,
+    resamples: int = 2000,
+    level: float = 0.95,
+) -> Difference:
+    """Bootstrap interval of `stat(b) - stat(a)` (e.g. a percentile) for independent samples,
+    each resampled apart. Never significant with fewer than two values in either sample; NaN
+    if one is empty."""
+    if resamples < 1:
+        raise ValueError("resamples must be positive")
+    _z(level)
+    if not a or not b:
+        return Difference(math.nan, math.nan, math.nan, significant=False)
+    estimate = stat(b) - stat(a)
+    draws = sorted(
+        stat(rng.choices(b, k=len(b))) - stat(rng.choices(a, k=len(a))) for _ in range(resamples)
     )
     interval = _percentile_interval(draws, estimate, level)
     enough = len(a) >= 2 and len(b) >= 2

@@ -1,0 +1,309 @@
+"""Experiment report: per route, per variant statistics from request records, with 95%
+confidence intervals, pairwise comparisons with the control, break-even rates and a verdict.
+
+Conventions:
+- Shadow records (`shadow_of` set) are left out of every figure; only their count is given.
+- An *error* is a record with status >= 500 (the gateway or upstream failed; 4xx and the
+  client's own 499 are not the variant's fault). A *success* has status < 400.
+- Latency and tokens are over successes; cost is over every record (what was paid per
+  request served, failures included).
+- Bootstrap draws use a `random.Random` seeded per (seed, variant, figure): the same records
+  give the same report.
+- Differences are `variant - control`; the control is the first variant of the route's split.
+
+Verdict (per route, documented in the answer as `rule`):
+- "switch to X": X is the cheapest variant whose cost per request is significantly lower
+  than the control's, whose error rate is not significantly higher, and whose p95 total
+  latency is at most 20% above the control's.
+- "split": no switch yet, but some variant's cost difference is not significant and the
+  sample size needed per arm (to detect a 10% change in mean cost) exceeds what it has:
+  keep the experiment running.
+- "keep": otherwise (the control stays).
+A `warning: "too few data"` is added when any variant has fewer than 30 successes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.gpu_meter import GpuMeter
+from gateway.records import RequestRecord
+from gateway.settings import Route, Variant
+from router.gpu_cost import break_even_rate
+from router.stats import (
+    Difference,
+    Interval,
+    bootstrap,
+    diff_of_means_ci,
+    diff_of_proportions_ci,
+    diff_of_stats_ci,
+    mean,
+    percentile,
+    sample_size_for_means,
+    wilson,
+)
+
+MIN_SUCCESSES = 30
+MIN_EFFECT = 0.10  # relative change in mean cost the sample size is computed for
+LATENCY_SLACK = 1.20  # a switch may not make p95 latency worse than this ratio
+RESAMPLES = 1000
+
+Json = dict[str, Any]
+
+
+def _num(value: float) -> float | None:
+    """JSON has no NaN or infinity: both become null."""
+    return value if math.isfinite(value) else None
+
+
+def _interval(i: Interval) -> Json:
+    return {"estimate": _num(i.estimate), "low": _num(i.low), "high": _num(i.high)}
+
+
+def _difference(d: Difference) -> Json:
+    return _interval(d) | {"significant": d.significant}
+
+
+def _p(q: float) -> Callable[[Sequence[float]], float]:
+    return lambda values: percentile(values, q)
+
+
+@dataclass
+class _Arm:
+    """One variant's records on the route, split into the samples the report needs."""
+
+    name: str
+    records: list[RequestRecord]
+    seed: int
+    resamples: int
+
+    @property
+    def ok(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.status < 400]
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for r in self.records if r.status >= 500)
+
+    @property
+    def costs(self) -> list[float]:
+        return [r.cost_usd for r in self.records]
+
+    def latencies(self, phase: str) -> list[float]:
+        values = (getattr(r.latency, phase) for r in self.ok)
+        return [float(v) for v in values if v is not None]
+
+    def rng(self, figure: str) -> random.Random:
+        return random.Random(f"{self.seed}:{self.name}:{figure}")
+
+    def boot(self, values: Sequence[float], figure: str, stat: Callable[..., float]) -> Interval:
+        return bootstrap(values, stat, self.rng(figure), self.resamples)
+
+
+def _variant_table(arm: _Arm) -> Json:
+    ok = arm.ok
+    latency: Json = {}
+    for phase in ("total", "ttft", "tpot"):
+        values = arm.latencies(phase)
+        latency[phase] = {
+            "n": len(values),
+            "p50": _interval(arm.boot(values, f"{phase}-p50", _p(50))),
+            "p95": _interval(arm.boot(values, f"{phase}-p95", _p(95))),
+            "p99": _num(percentile(values, 99)),
+        }
+    kinds = {
+        "client_prompt": [float(r.usage.prompt - r.usage.injected) for r in ok],
+        "injected": [float(r.usage.injected) for r in ok],
+        "completion": [float(r.usage.completion) for r in ok],
+    }
+    cost = arm.boot(arm.costs, "cost", mean)
+    per_1k = Interval(cost.low * 1000, cost.high * 1000, cost.estimate * 1000)
+    taxes = [r.prompt_tax_usd for r in arm.records]
+    return {
+        "requests": len(arm.records),
+        "successes": len(ok),
+        "errors": arm.errors,
+        "error_rate": _interval(wilson(arm.errors, len(arm.records))),
+        "latency_s": latency,
+        "tokens_per_request": {
+            kind: _interval(arm.boot(values, f"tokens-{kind}", mean))
+            for kind, values in kinds.items()
+        },
+        "cost_per_request_usd": _interval(cost),
+        "cost_per_1k_requests_usd": _interval(per_1k),
+        "prompt_tax_per_request_usd": _interval(arm.boot(taxes, "prompt-tax", mean)),
+    }
+
+
+def _needed_per_arm(control: _Arm) -> int | None:
+    costs = control.costs
+    if len(costs) < 2 or mean(costs) <= 0:
+        return None
+    return sample_size_for_means(statistics.stdev(costs), MIN_EFFECT * mean(costs))
+
+
+def _pairwise(control: _Arm, arm: _Arm) -> Json:
+    rng = arm.rng(f"vs-{control.name}")
+    cost = diff_of_means_ci(control.costs, arm.costs, rng, arm.resamples)
+    p50 = diff_of_stats_ci(
+        control.latencies("total"), arm.latencies("total"), _p(50), rng, arm.resamples
+    )
+    errors = diff_of_proportions_ci(
+        control.errors, len(control.records), arm.errors, len(arm.records)
+    )
+    return {
+        "variant": arm.name,
+        "control": control.name,
+        "cost_per_request_usd": _difference(cost),
+        "latency_p50_total_s": _difference(p50),
+        "error_rate": _difference(errors),
+        "needed_per_arm": _needed_per_arm(control),
+        "min_effect": f"{MIN_EFFECT:.0%} of the control's mean cost per request",
+    }
+
+
+def _break_even(
+    arms: Mapping[str, _Arm],
+    variants: Mapping[str, Variant],
+    meters: Mapping[str, GpuMeter],
+    rate: float | None,
+) -> list[Json]:
+    found: list[Json] = []
+    for ft_name in arms:
+        ft = variants.get(ft_name)
+        if ft is None or ft.is_prompted or ft.upstream not in meters:
+            continue
+        meter = meters[ft.upstream]
+        fleet_per_hour = meter.fleet_cost(3600.0)
+        for hosted_name, hosted_arm in arms.items():
+            hosted = variants.get(hosted_name)
+            if hosted is None or hosted.price is None or not hosted_arm.records:
+                continue
+            hosted_cost = mean(hosted_arm.costs)
+            crossing = break_even_rate(fleet_per_hour, hosted_cost)
+            found.append(
+                {
+                    "fine_tuned": ft_name,
+                    "hosted": hosted_name,
+                    "fleet_usd_per_hour": fleet_per_hour,
+                    "hosted_cost_per_request_usd": hosted_cost,
+                    "break_even_requests_per_hour": _num(crossing),
+                    "current_requests_per_hour": rate,
+                    "fleet_cheaper_now": None if rate is None else rate > crossing,
+                    "capacity_tokens_per_s": meter.capacity(),
+                }
+            )
+    return found
+
+
+def _verdict(control: _Arm, arms: Mapping[str, _Arm], pairs: Mapping[str, Json]) -> Json:
+    verdict: Json
+    control_p95 = percentile(control.latencies("total"), 95)
+    switch: list[tuple[float, str, Json]] = []
+    undecided: list[tuple[str, int, int]] = []
+    for name, pair in pairs.items():
+        cost, errors = pair["cost_per_request_usd"], pair["error_rate"]
+        p95 = percentile(arms[name].latencies("total"), 95)
+        ratio = p95 / control_p95 if control_p95 > 0 else math.nan
+        cheaper = cost["significant"] and (cost["estimate"] or 0.0) < 0
+        worse_errors = errors["significant"] and (errors["estimate"] or 0.0) > 0
+        if cheaper and not worse_errors and (math.isnan(ratio) or ratio <= LATENCY_SLACK):
+            numbers = {"cost_difference_per_request_usd": cost, "p95_latency_ratio": _num(ratio)}
+            switch.append((mean(arms[name].costs), name, numbers))
+        needed = pair["needed_per_arm"]
+        have = min(len(control.records), len(arms[name].records))
+        if not cost["significant"] and needed is not None and needed > have:
+            undecided.append((name, needed, have))
+    if switch:
+        _, name, numbers = min(switch)
+        verdict = {"decision": f"switch to {name}", "numbers": numbers}
+    elif undecided:
+        name, needed, have = undecided[0]
+        verdict = {
+            "decision": "split",
+            "numbers": {"variant": name, "needed_per_arm": needed, "have_per_arm": have},
+        }
+    else:
+        verdict = {
+            "decision": "keep",
+            "numbers": {"control_cost_per_request_usd": _num(mean(control.costs))},
+        }
+    verdict["rule"] = (
+        "switch to the cheapest variant significantly cheaper than the control whose error "
+        "rate is not significantly higher and whose p95 latency is at most 20% higher; else "
+        "split while more data could decide the cost difference; else keep"
+    )
+    if any(len(arm.ok) < MIN_SUCCESSES for arm in arms.values()):
+        verdict["warning"] = "too few data"
+    return verdict
+
+
+def route_report(
+    route_name: str,
+    route: Route,
+    records: Sequence[RequestRecord],
+    variants: Mapping[str, Variant],
+    meters: Mapping[str, GpuMeter],
+    *,
+    since: float | None,
+    now: float,
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+) -> Json:
+    """The report of one route from its records (those of other routes are ignored)."""
+    own = [r for r in records if r.route == route_name]
+    primary = [r for r in own if r.shadow_of is None]
+    names = list(route.split) + sorted({r.variant for r in primary} - set(route.split))
+    arms = {
+        name: _Arm(name, [r for r in primary if r.variant == name], seed, resamples)
+        for name in names
+    }
+    control = arms[names[0]]
+    start = since if since is not None else min((r.time for r in primary), default=now)
+    hours = (now - start) / 3600
+    rate = len(primary) / hours if hours > 0 else None
+    pairs = {name: _pairwise(control, arm) for name, arm in arms.items() if arm is not control}
+    return {
+        "route": route_name,
+        "control": control.name,
+        "since": since,
+        "window_hours": hours,
+        "requests": len(primary),
+        "requests_per_hour": rate,
+        "shadow_records_excluded": len(own) - len(primary),
+        "variants": {name: _variant_table(arm) for name, arm in arms.items()},
+        "pairwise": list(pairs.values()),
+        "break_even": _break_even(arms, variants, meters, rate),
+        "verdict": _verdict(control, arms, pairs),
+    }
+
+
+def build_report(
+    routes: Mapping[str, Route],
+    records: Sequence[RequestRecord],
+    variants: Mapping[str, Variant],
+    meters: Mapping[str, GpuMeter],
+    *,
+    since: float | None,
+    now: float | None = None,
+    seed: int = 0,
+) -> Json:
+    """The report of every route in `routes` (pure but for the meters' fleet cost/capacity)."""
+    at = time.time() if now is None else now
+    return {
+        "generated_at": at,
+        "seed": seed,
+        "level": 0.95,
+        "routes": {
+            name: route_report(
+                name, route, records, variants, meters, since=since, now=at, seed=seed
+            )
+            for name, route in routes.items()
+        },
+    }
