@@ -10,9 +10,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from gateway.config_check import SettingsError, check_file, load_settings
+from gateway.config_check import SettingsError, check_file, check_path, load_settings
 from gateway.gateway import WORKERS_ENV
 from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics
+from gateway.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Turnout LLM gateway.")
 console = Console(stderr=True)
@@ -98,6 +99,45 @@ def simulate(
 
 
 @app.command()
+def report(
+    url: Annotated[str | None, typer.Option(help="A running gateway's base URL.")] = None,
+    records: Annotated[
+        Path | None, typer.Option(help="A JSON-lines record file (records.file); needs -c.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="The gateway's YAML.")
+    ] = None,
+    route: Annotated[str | None, typer.Option(help="Only this route.")] = None,
+    since: Annotated[float | None, typer.Option(help="Only records from this unix time.")] = None,
+    admin_key_env: Annotated[str, typer.Option(help="Env var holding the admin key.")] = (
+        "TURNOUT_ADMIN_KEY"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """The experiment report: from a running gateway (--url) or a record file (--records -c)."""
+    import json
+
+    import msgspec
+
+    from gateway.report_cli import from_file, from_gateway, render
+
+    try:
+        if url is not None:
+            result = from_gateway(url, admin_key_env, route, since)
+        elif records is not None and config is not None:
+            result = from_file(records, _settings_for_report(config), route, since)
+        else:
+            raise typer.BadParameter("give --url, or --records with -c")
+    except (RuntimeError, OSError, ValueError, msgspec.MsgspecError) as exc:
+        console.print(f"[red]error[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render(Console(), result)
+
+
+@app.command()
 def demo(
     requests: Annotated[int, typer.Option(min=10, help="Requests to send.")] = 300,
 ) -> None:
@@ -107,7 +147,17 @@ def demo(
     raise typer.Exit(run_demo(requests))
 
 
-def _load_or_exit(path: Path):  # type: ignore[no-untyped-def]
+def _settings_for_report(path: Path) -> Settings:
+    """The configuration, checked; a secret missing on this machine does not matter here."""
+    settings, problems = check_path(path, os.environ, strict=False)
+    if settings is None:
+        for problem in problems:
+            console.print(f"[red]{problem.severity}[/] {escape(str(problem))}")
+        raise typer.Exit(2)
+    return settings
+
+
+def _load_or_exit(path: Path) -> Settings:
     try:
         return load_settings(path, os.environ)
     except SettingsError as exc:

@@ -86,7 +86,7 @@ class Gateway:
             name: _runtime(name, variant, self.upstreams[variant.upstream])
             for name, variant in settings.variants.items()
         }
-        self.meters = _meters(settings)
+        self.meters = meters_for(settings)
         self.workers = int(environ.get(WORKERS_ENV, "1") or 1)
         self.limiter = Limiter(
             MemoryState(), settings.state, share=_memory_share(settings, environ)
@@ -261,7 +261,7 @@ def _warn_inexact_tokenizers(variants: Iterable[VariantRuntime]) -> None:
         )
 
 
-def _meters(settings: Settings) -> dict[str, GpuMeter]:
+def meters_for(settings: Settings) -> dict[str, GpuMeter]:
     """A GPU meter per upstream that has a `gpu` section, sized to its replicas."""
     meters: dict[str, GpuMeter] = {}
     for name, config in settings.upstreams.items():
