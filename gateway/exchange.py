@@ -83,7 +83,8 @@ class Exchange:
     async def _admit(self) -> None:
         """Rate limits and budgets (429 over a limit), held until the request is recorded."""
         route = self.gw.route(self.client.model)
-        assert route is not None
+        if route is None or not self.gw.limiter.applies(self.key, route):
+            return
         body = self.client.body
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None:
@@ -93,7 +94,7 @@ class Exchange:
             self.admission = await self.gw.limiter.admit(
                 self.key,
                 (self.client.model, route),
-                (self.prompt_estimate, max_tokens, prices),
+                (lambda: self.prompt_estimate, max_tokens, prices),
                 self.deadline.total_s,
             )
         except TurnoutError as exc:

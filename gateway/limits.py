@@ -41,31 +41,42 @@ class Limiter:
     on_fallback: Callable[[str], None] = lambda feature: None
     _next_probe: float = 0.0
 
+    @staticmethod
+    def applies(key: Key | None, route: Route) -> bool:
+        """Does any limit or budget bind this request? (Else admission is skipped entirely.)"""
+        limited = key is not None and bool(key.rpm or key.tpm or key.budget)
+        return limited or route.budget is not None
+
     async def admit(
         self,
         key: Key | None,
         route: tuple[str, Route],
-        request: tuple[int, int | None, Sequence[Price | None]],
+        request: tuple[Callable[[], int], int | None, Sequence[Price | None]],
         deadline_s: float,
     ) -> Admission:
         """Take the request's units and hold its maximum cost, or raise 429 (or 503).
 
-        `request` = (prompt token estimate, max_tokens or None, the prices of every variant the
-        request may be sent to: the hold is at the dearest, so a fallback never overspends).
-        Holds carry an id made here, never one a client could choose and repeat.
+        `request` = (the prompt token estimate, counted only if a limit needs it; max_tokens or
+        None; the prices of every variant the request may be sent to: the hold is at the
+        dearest, so a fallback never overspends). Holds carry an id made here, never one a
+        client could choose and repeat.
         """
-        admission = Admission(self, uuid.uuid4().hex)
-        prompt, max_tokens, prices = request
+        budgets = _budgets(key, route)
+        admission = Admission(self, uuid.uuid4().hex if budgets else "")
+        estimate, max_tokens, prices = request
         completion = max_tokens or self.policy.max_tokens_ceiling
         try:
             if key is not None and key.rpm:
                 await admission.take(f"key:{key.name}:rpm", 1, key.rpm, "requests per minute")
+            prompt = estimate() if budgets or (key is not None and key.tpm) else 0
             if key is not None and key.tpm:
-                label = "tokens per minute"
-                await admission.take(f"key:{key.name}:tpm", prompt + completion, key.tpm, label)
+                await admission.take(
+                    f"key:{key.name}:tpm", prompt + completion, key.tpm, "tokens per minute",
+                    tokens=True,
+                )  # fmt: skip
             usage = Usage(prompt=prompt, completion=completion)
             most = max((token_cost(price, usage) for price in prices), default=0.0)
-            for name, budget in _budgets(key, route):
+            for name, budget in budgets:
                 await admission.reserve(name, budget, most, deadline_s + HOLD_GRACE_S)
         except BaseException:
             await admission.undo()
@@ -172,14 +183,17 @@ class Admission:
     _tokens: tuple[str, float, float, bool] | None = None
     _settled: bool = False
 
-    async def take(self, key: str, cost: float, limit: float, label: str) -> None:
+    async def take(
+        self, key: str, cost: float, limit: float, label: str, *, tokens: bool = False
+    ) -> None:
+        """Take `cost` units; `tokens`: they are the tokens-per-minute hold, settled to usage."""
         allowed, retry, too_large, shared = await self.limiter.take(key, cost, limit)
         if too_large:  # no wait helps; Retry-After still tells a client's retry loop to back off
             raise _limited(f"This request needs more than the key's {label} limit ({limit:g}).", 60)
         if not allowed:
             raise _limited(f"Rate limit reached: {label} ({limit:g}).", retry)
         self._taken.append((key, cost, limit, shared))
-        if label.startswith("tokens"):
+        if tokens:
             self._tokens = (key, cost, limit, shared)
 
     async def reserve(self, name: str, budget: Budget, amount: float, ttl_s: float) -> None:

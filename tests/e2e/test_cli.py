@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TURNOUT = shutil.which("turnout", path=str(Path(sys.executable).parent)) or "turnout"
+from tests.e2e.processes import ROOT, TURNOUT, free_port, wait_ready
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -65,31 +60,16 @@ def test_check_missing_secret_is_warning_unless_strict() -> None:
     assert strict.returncode == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served_quickstart() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [TURNOUT, "serve", "-c", "examples/quickstart.yaml", "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "turnout serve did not become ready"
-            time.sleep(0.1)
+        wait_ready(url, proc)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)
@@ -132,7 +112,7 @@ def test_make_demo_exits_zero() -> None:
 
 
 def test_simulate_serves_an_openai_compatible_upstream() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [TURNOUT, "simulate", "--port", str(port), "--profile", "instant", "--model", "base"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

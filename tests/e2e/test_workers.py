@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_cli import ROOT, TURNOUT, _free_port
+from tests.e2e.processes import ROOT, TURNOUT, free_port, wait_ready
 
 REQUESTS = 200
 CONFIG = """\
@@ -41,7 +40,7 @@ class Served:
 def served_workers(tmp_path: Path) -> Iterator[Served]:
     config = tmp_path / "turnout.yaml"
     config.write_text(CONFIG)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.Popen(
@@ -50,7 +49,7 @@ def served_workers(tmp_path: Path) -> Iterator[Served]:
     )  # fmt: skip
     served = Served(f"http://127.0.0.1:{port}", tmp_path, proc)
     try:
-        _wait_ready(served)
+        wait_ready(served.url, served.proc)
         yield served
     finally:
         if proc.poll() is None:
@@ -61,21 +60,6 @@ def served_workers(tmp_path: Path) -> Iterator[Served]:
             proc.kill()
             proc.communicate()
             raise
-
-
-def _wait_ready(served: Served) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(served.url + "/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if served.proc.poll() is not None:
-            output = served.proc.stdout.read() if served.proc.stdout else ""
-            raise AssertionError(f"turnout serve exited:\n{output}")
-        assert time.monotonic() < deadline, "turnout serve did not become ready"
-        time.sleep(0.1)
 
 
 def _one_request(url: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 from gateway.record_store import connect_redis
 from gateway.state_redis import RedisState
 from router.limits import period_bounds
-from tests.e2e.test_cli import ROOT, TURNOUT, _free_port
+from tests.e2e.processes import ROOT, TURNOUT, free_port, wait_ready
 from tests.integration.conftest import running
 from tests.redis_server import RedisServer
 
@@ -76,7 +76,7 @@ class Served:
 def _serve(tmp_path: Path, config: dict[str, Any]) -> Iterator[Served]:
     path = tmp_path / "turnout.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.Popen(
@@ -85,25 +85,10 @@ def _serve(tmp_path: Path, config: dict[str, Any]) -> Iterator[Served]:
     )  # fmt: skip
     served = Served(f"http://127.0.0.1:{port}", proc)
     try:
-        _wait_ready(served)
+        wait_ready(served.url, served.proc)
         yield served
     finally:
         served.stop()
-
-
-def _wait_ready(served: Served) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(served.url + "/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if served.proc.poll() is not None:
-            output = served.proc.stdout.read() if served.proc.stdout else ""
-            raise AssertionError(f"turnout serve exited:\n{output}")
-        assert time.monotonic() < deadline, "turnout serve did not become ready"
-        time.sleep(0.1)
 
 
 async def _burst(url: str, count: int = CONCURRENT) -> list[httpx.Response]:

@@ -192,4 +192,4 @@ async def test_memory_store_behind_workers_divides_budgets_too() -> None:
     price = Price(input_per_mtok=0.0, output_per_mtok=1_000_000 * 0.6)  # $0.60 per token
     route = ("r", Route(split={"v": 1.0}))
     with pytest.raises(Exception, match="Budget reached"):
-        await limiter.admit(key, route, (0, 1, [price]), 10.0)  # 0.60 > 1.00 / 2
+        await limiter.admit(key, route, (lambda: 0, 1, [price]), 10.0)  # 0.60 > 1.00 / 2
