@@ -131,21 +131,8 @@ def diff_of_means_ci(
     resamples: int = 2000,
     level: float = 0.95,
 ) -> Difference:
-    """Bootstrap interval of `mean(b) - mean(a)` for independent samples (each resampled
-    apart). Never significant with fewer than two values in either sample; NaN if one is empty.
-    """
-    if resamples < 1:
-        raise ValueError("resamples must be positive")
-    _z(level)
-    if not a or not b:
-        return Difference(math.nan, math.nan, math.nan, significant=False)
-    estimate = mean(b) - mean(a)
-    draws = sorted(
-        mean(rng.choices(b, k=len(b))) - mean(rng.choices(a, k=len(a))) for _ in range(resamples)
-    )
-    interval = _percentile_interval(draws, estimate, level)
-    enough = len(a) >= 2 and len(b) >= 2
-    return Difference(interval.low, interval.high, estimate, enough and _significant(interval))
+    """Bootstrap interval of `mean(b) - mean(a)` for independent samples (see diff_of_stats_ci)."""
+    return diff_of_stats_ci(a, b, mean, rng, resamples, level)
 
 
 def diff_of_stats_ci(
