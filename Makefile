@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SRC := gateway router serving tests bench
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test lint typecheck clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# Headless Chromium checks the HTML report; installed with apt when missing and we are root.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+	      (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null)) ; } \
+	  || echo "chromium not installed: its page test will skip (apt-get install chromium)"
+
+test: lint typecheck chromium
 	$(BIN)/pytest -q
 
 clean:

@@ -1,10 +1,10 @@
-"""The `turnout` command line: serve, check, simulate, demo."""
+"""The `turnout` command line: serve, check, simulate, report, demo, eval."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -113,6 +113,12 @@ def report(
         "TURNOUT_ADMIN_KEY"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write the report as an HTML page here.")
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option("--png", help="Also write its charts as PNG files here.")
+    ] = None,
 ) -> None:
     """The experiment report: from a running gateway (--url) or a record file (--records -c)."""
     import json
@@ -135,16 +141,104 @@ def report(
         typer.echo(json.dumps(result, indent=2))
     else:
         render(Console(), result)
+    try:
+        written = _report_files(result, html, png)
+    except (RuntimeError, OSError) as exc:
+        console.print(f"[red]error[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    for path in written:
+        typer.echo(str(path), err=as_json)
 
 
 @app.command()
 def demo(
     requests: Annotated[int, typer.Option(min=10, help="Requests to send.")] = 300,
+    html: Annotated[Path, typer.Option(help="Where the HTML experiment report is written.")] = Path(
+        "turnout-report.html"
+    ),
 ) -> None:
-    """The whole story on simulated upstreams: routing, A/B split, tokens, cost."""
+    """The whole story on simulated upstreams: routing, A/B split, tokens, cost, the report."""
     from gateway.demo import run_demo
 
-    raise typer.Exit(run_demo(requests))
+    raise typer.Exit(run_demo(requests, html))
+
+
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[
+        Path, typer.Argument(help="JSON lines: {messages | prompt, expected[, id, params]}.")
+    ],
+    route: Annotated[str, typer.Option(help="The route whose variants are evaluated.")],
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated variants (default: the route's split).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 8,
+    base_url: Annotated[str | None, typer.Option(help="A running gateway's base URL.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="--base-url's admin key (default: $TURNOUT_ADMIN_KEY).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Run a gateway from this YAML, in this process."),
+    ] = None,
+    scorer: Annotated[
+        str, typer.Option(help="exact | normalised | regex | json-field | judge")
+    ] = "normalised",
+    pattern: Annotated[
+        str | None, typer.Option(help="regex: a pattern with {expected} in it.")
+    ] = None,
+    field: Annotated[str | None, typer.Option(help="json-field: a dotted path, a.b.")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge: the variant asked.")] = None,
+    judge_route: Annotated[
+        str | None, typer.Option(help="judge: the route it is forced on (default: --route).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The JSON result.")] = Path("eval-result.json"),
+    charts: Annotated[Path | None, typer.Option(help="Write PNG charts here.")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 120.0,
+) -> None:
+    """Offline evaluation: a labelled dataset through the gateway to each variant of a route."""
+    import asyncio
+
+    from gateway.eval import SCORERS, ScorerSpec
+    from gateway.eval_cli import EvalFailed, EvalOptions, run_eval
+
+    if scorer not in SCORERS:
+        raise typer.BadParameter(f"choose one of {', '.join(SCORERS)}", param_hint="--scorer")
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    options = EvalOptions(
+        dataset=dataset,
+        route=route,
+        variants=names,
+        scorer=ScorerSpec(scorer, pattern, field, judge),
+        judge_route=judge_route,
+        concurrency=concurrency,
+        base_url=base_url,
+        api_key=api_key,
+        config=config,
+        out=out,
+        charts=charts,
+        timeout_s=timeout,
+    )
+    try:
+        asyncio.run(run_eval(options, Console(width=max(Console().width, 150)), console))
+    except EvalFailed as exc:
+        console.print(f"[red]error[/] {escape(str(exc))}")
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _report_files(report: dict[str, Any], html: Path | None, png: Path | None) -> list[Path]:
+    """Write the report as an HTML page and its charts as PNG files, where asked."""
+    from gateway.charts import report_charts, write_pngs
+    from gateway.report_html import render_html
+
+    written = []
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(render_html(report), encoding="utf-8")
+        written.append(html)
+    if png is not None:
+        written += write_pngs(report_charts(report), png)
+    return written
 
 
 def _settings_for_report(path: Path) -> Settings:

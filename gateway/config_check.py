@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from gateway.eval import DatasetError
 from gateway.settings import (
     Key,
     OpenAIUpstream,
@@ -29,6 +30,7 @@ from gateway.settings import (
     VllmUpstream,
     When,
 )
+from serving.sim_answers import load_answers
 
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
@@ -95,17 +97,25 @@ def resolve_secret(env_name: str | None, environ: Mapping[str, str]) -> str | No
 
 
 def check_settings(
-    raw: object, environ: Mapping[str, str], *, strict: bool = False
+    raw: object,
+    environ: Mapping[str, str],
+    *,
+    strict: bool = False,
+    base_dir: str | Path | None = None,
 ) -> tuple[Settings | None, list[Problem]]:
     """Check a YAML-decoded configuration; return the Settings (None on any error) and every
     problem found: the first in each entry, then every cross-check.
 
-    A missing or empty secret variable is a warning, or an error when `strict`.
+    A missing or empty secret variable is a warning, or an error when `strict`. Relative file
+    paths the configuration reads (a simulated upstream's `answers`) are resolved against
+    `base_dir` (check_path passes the file's directory), else left relative to the cwd.
     """
     if not isinstance(raw, dict):
         return None, [Problem("(root)", f"expected a mapping of sections, got {_describe(raw)}")]
     problems: list[Problem] = []
     parts = _convert_sections(raw, problems)
+    _resolve_paths(parts, base_dir)
+    problems += _check_simulated(parts)
     problems += _check_variants(parts)
     problems += _check_routes(parts)
     problems += _check_keys(parts)
@@ -128,7 +138,7 @@ def check_path(
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         return None, [_yaml_problem(exc)]
-    return check_settings(raw, environ, strict=strict)
+    return check_settings(raw, environ, strict=strict, base_dir=Path(path).absolute().parent)
 
 
 def check_file(path: str | Path, environ: Mapping[str, str], strict: bool) -> list[Problem]:
@@ -257,6 +267,48 @@ def _convert_entries(
         if entry is not None:
             out[name] = entry
     return out, {name for name in entries if isinstance(name, str)}
+
+
+def _resolve_paths(parts: _Parts, base_dir: str | Path | None) -> None:
+    """A simulated upstream's relative `answers` path, made relative to `base_dir`."""
+    if base_dir is None:
+        return
+    for name, upstream in parts.upstreams.items():
+        if isinstance(upstream, SimulatedUpstream) and upstream.answers is not None:
+            path = Path(upstream.answers).expanduser()
+            if not path.is_absolute():
+                answers = str(Path(base_dir) / path)
+                parts.upstreams[name] = msgspec.structs.replace(upstream, answers=answers)
+
+
+def _check_simulated(parts: _Parts) -> Iterator[Problem]:
+    """A simulated upstream's `accuracy` (0..1, served models) and `answers` (a file that
+    reads and parses as an eval dataset)."""
+    for name, upstream in parts.upstreams.items():
+        if not isinstance(upstream, SimulatedUpstream):
+            continue
+        path = f"upstreams.{name}"
+        for model, share in upstream.accuracy.items():
+            if not 0.0 <= share <= 1.0:
+                yield Problem(f"{path}.accuracy.{model}", f"must be from 0 to 1, got {share:g}")
+            elif upstream.models and model not in upstream.models:
+                yield Problem(
+                    f"{path}.accuracy.{model}",
+                    f"'{model}' is not served by this upstream"
+                    f" (it serves: {', '.join(upstream.models)})",
+                )
+        if upstream.answers is None:
+            if upstream.accuracy:
+                yield Problem(f"{path}.accuracy", "has no effect without `answers`", "warning")
+            continue
+        try:
+            load_answers(upstream.answers)
+        except OSError as exc:
+            yield Problem(
+                f"{path}.answers", f"cannot read {upstream.answers}: {exc.strerror or exc}"
+            )
+        except DatasetError as exc:
+            yield Problem(f"{path}.answers", str(exc))
 
 
 def _check_variants(parts: _Parts) -> Iterator[Problem]:

@@ -26,6 +26,7 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     route: str | None = None
     variant: str | None = None
+    forced: bool = False  # the admin chose the variant (x-turnout-variant): kept out of reports
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def headers(self) -> list[tuple[bytes, bytes]]:

@@ -193,7 +193,7 @@ class Exchange:
     def _shadow(self, record: RequestRecord, texts: Callable[[], list[str]]) -> None:
         """Offer a sampled copy to the route's shadow variant (it runs off the response path)."""
         route = self.gw.route(self.client.model)
-        if route is None or route.shadow is None or record.status != 200:
+        if route is None or route.shadow is None or record.status != 200 or record.forced:
             return
         self.gw.shadows.maybe_submit(
             self.client.model,
@@ -289,6 +289,7 @@ class Exchange:
             prompt_tax_usd=prompt_tax(price, usage),
             error=type(error).__name__ if error else None,
             attempts=self.attempts.count,
+            forced=self.ctx.forced,
             content=self._content(answer),
         )
         self.gw.account(record)

@@ -17,6 +17,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -28,9 +29,11 @@ from gateway.auth import check_admin
 from gateway.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
 from gateway.gateway import Gateway
 from gateway.records import RequestRecord
+from gateway.settings import Route
 
 log = logging.getLogger("turnout")
 MAX_COMMENT = 2_000  # characters
+BATCH = 500  # feedback hashes read per Redis round trip for a report
 
 
 class FeedbackBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -77,6 +80,32 @@ class FeedbackStore:
             except (msgspec.DecodeError, UnicodeDecodeError):
                 continue  # written by an incompatible version: skipped
         return found
+
+    async def get_many(self, ids: Sequence[str]) -> dict[str, dict[str, bool | float]]:
+        """The values posted on each of `ids` that has any (one round trip per 500 ids)."""
+        if self._redis is None:
+            found = ((i, self._memory.get(i)) for i in ids)
+            return {i: {m: e.value for m, e in notes.items()} for i, notes in found if notes}
+        values: dict[str, dict[str, bool | float]] = {}
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for request_id in chunk:
+                        pipe.hgetall(self._prefix + request_id)
+                    answers: list[dict[bytes, bytes]] = await pipe.execute()
+            except RedisError:
+                raise ServiceUnavailable("The feedback store is unavailable.") from None
+            for request_id, fields in zip(chunk, answers, strict=True):
+                notes = {}
+                for name, data in fields.items():
+                    try:
+                        notes[name.decode()] = _decode_entry(data).value
+                    except (msgspec.DecodeError, UnicodeDecodeError):
+                        continue  # written by an incompatible version: skipped
+                if notes:
+                    values[request_id] = notes
+        return values
 
     async def put(
         self, request_id: str, metric: str, value: bool | float, comment: str | None
@@ -141,6 +170,15 @@ async def feedback_of(gw: Gateway, record: RequestRecord) -> dict[str, Any]:
     except ServiceUnavailable:
         log.warning("feedback: Redis read failed; record %s shown without it", record.request_id)
         return {}
+
+
+async def for_report(
+    gw: Gateway, records: Sequence[RequestRecord], routes: Mapping[str, Route]
+) -> dict[str, dict[str, bool | float]]:
+    """The feedback values of the primary requests of the routes that declare metrics."""
+    wanted = {name for name, route in routes.items() if route.feedback}
+    ids = [r.request_id for r in records if r.route in wanted and r.shadow_of is None]
+    return await store_of(gw).get_many(ids) if ids else {}
 
 
 def _builtins(feedback: dict[str, Entry]) -> dict[str, Any]:

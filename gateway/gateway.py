@@ -204,8 +204,9 @@ class Gateway:
         url = self.settings.state.redis_url
         if url is not None:
             self.redis = connect_redis(url)
-            self.limiter.shared = RedisState(self.redis, self.settings.state.key_prefix)
-            self.directory = RedisDirectory(self.redis, self.settings.state.key_prefix)
+            state = self.settings.state
+            self.limiter.shared = RedisState(self.redis, state.key_prefix, state.timeout_s)
+            self.directory = RedisDirectory(self.redis, state.key_prefix, state.timeout_s)
             self.keys.directory = self.directory
             await self.check_redis()
             if self.redis_down:

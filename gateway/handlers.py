@@ -16,6 +16,7 @@ from gateway.auth import check_admin, may_call
 from gateway.errors import BadRequest, NotFound
 from gateway.gateway import Gateway
 from gateway.proxy import proxy
+from gateway.report_html import render_html
 
 AnyRequest = Request[Any, Any, Any]
 GatewayDep = NamedDependency[Gateway]
@@ -71,10 +72,14 @@ async def post_feedback(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
 
 
 @get("/turnout/report")
-async def report(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
-    """The experiment report (admin key): `route` (default every route), `since` (unix s)."""
+async def report(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
+    """The experiment report (admin key): `route` (default every route), `since` (unix s),
+    `format` json (default) or html (a self-contained page with charts)."""
     check_admin(request.headers.get("authorization"), gw.admin_key)
     name, since = request.query_params.get("route"), request.query_params.get("since")
+    shape = request.query_params.get("format", "json")
+    if shape not in {"json", "html"}:
+        raise BadRequest("`format` must be `json` or `html`.", param="format")
     routes = gw.settings.routes if name is None else {name: gw.settings.routes.get(name)}
     if name is not None and routes[name] is None:
         raise NotFound(f"No route `{name}`.", param="route")
@@ -84,7 +89,13 @@ async def report(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
         raise BadRequest("`since` must be unix seconds.", param="since") from None
     records = await gw.records.recent(gw.settings.records.capacity, start)
     chosen = {k: v for k, v in routes.items() if v is not None}
-    return reports.build_report(chosen, records, gw.settings.variants, gw.meters, since=start)
+    notes = await feedback.for_report(gw, records, chosen)
+    result = reports.build_report(
+        chosen, records, gw.settings.variants, gw.meters, since=start, feedback=notes
+    )
+    if shape == "html":
+        return Response(render_html(result), media_type="text/html")  # Litestar adds charset
+    return Response(result)
 
 
 @post("/turnout/keys", status_code=201)

@@ -67,6 +67,7 @@ class _Series:
     injected: Counter
     completion: Counter
     cost: Counter
+    prompt_tax: Counter
     estimated: Counter
 
 
@@ -142,6 +143,13 @@ class Metrics:
             SERIES,
             registry=registry,
         )
+        self.prompt_tax = Counter(
+            "turnout_prompt_tax_usd",
+            "The part of turnout_cost_usd paid for prompt tokens Turnout injected (prompted "
+            "variants' system prompt and examples).",
+            SERIES,
+            registry=registry,
+        )
         self.estimated = Counter(
             "turnout_estimated_usage",
             "Requests whose tokens were counted with tiktoken because the upstream gave no usage.",
@@ -195,6 +203,7 @@ class Metrics:
         series.injected.inc(usage.injected)
         series.completion.inc(usage.completion)
         series.cost.inc(max(record.cost_usd, 0.0))
+        series.prompt_tax.inc(max(record.prompt_tax_usd, 0.0))
         if usage.estimated:
             series.estimated.inc()
         if record.shadow_of is not None:
@@ -259,6 +268,7 @@ class Metrics:
                 injected=self.tokens.labels(*key, "injected"),
                 completion=self.tokens.labels(*key, "completion"),
                 cost=self.cost.labels(*key),
+                prompt_tax=self.prompt_tax.labels(*key),
                 estimated=self.estimated.labels(route, variant),
             )
         return series

@@ -9,9 +9,9 @@ from typing import Any, cast
 from litestar import Request, Response
 
 from gateway import body as bodies
-from gateway.auth import may_call
+from gateway.auth import check_admin, may_call
 from gateway.context import Receive, context_of
-from gateway.errors import ClientDisconnected, ModelNotFound
+from gateway.errors import BadRequest, ClientDisconnected, ModelNotFound
 from gateway.estimate import prompt_tokens
 from gateway.exchange import Exchange
 from gateway.gateway import Gateway
@@ -26,13 +26,19 @@ from router.selection import choose_variant, sticky_subject
 # The error renderer counts the calls that failed at the edge (they leave no record).
 STAGE = "turnout_stage"
 EDGE, EXCHANGE = "edge", "exchange"
+FORCE_HEADER = "x-turnout-variant"  # request header: the admin picks the variant
 
 
 async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> Response[Any]:
     """Handle one OpenAI API call end to end."""
     request.state[STAGE] = EDGE
     ctx = context_of(request.scope)  # type: ignore[arg-type]
-    key = await gw.keys.authenticate(request.headers.get("authorization"))
+    forced = request.headers.get(FORCE_HEADER)
+    if forced is None:
+        key = await gw.keys.authenticate(request.headers.get("authorization"))
+    else:  # only the admin may choose the variant (offline evaluation); it calls as no key
+        check_admin(request.headers.get("authorization"), gw.admin_key)
+        key = None
     receive = cast(Receive, request.receive)
     raw = await bodies.read_limited(
         _body_chunks(receive),
@@ -44,9 +50,14 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     if route is None or not may_call(key, client.model):
         raise ModelNotFound(client.model)
     ctx.route = client.model
-    name = await choose(gw, route, client, key.name if key else None, request.headers)
+    if forced is None:
+        name = await choose(gw, route, client, key.name if key else None, request.headers)
+        attempts = plan(gw, route, name)
+    else:
+        name, attempts = _forced(route, client.model, forced), [forced]
+        ctx.forced = True
     ctx.variant = name
-    exchange = Exchange(gw, ctx, client, plan(gw, route, name), receive, key)
+    exchange = Exchange(gw, ctx, client, attempts, receive, key)
     request.state[STAGE] = EXCHANGE
     return await exchange.run()
 
@@ -95,6 +106,26 @@ async def _override(gw: Gateway, name: str, route: Route, subject: str | None) -
         return None
     gw.limiter.recovered()
     return variant if variant in route.split or variant in route.fallback else None
+
+
+def _forced(route: Route, name: str, variant: str) -> str:
+    """The variant the admin named, if it is one of the route's (split, fallback, shadow or a
+    rule's); it is tried alone: an evaluation must not be answered by a fallback."""
+    if variant not in route_variants(route):
+        raise BadRequest(
+            f"Variant `{variant}` is not one of route `{name}`'s variants.", param=FORCE_HEADER
+        )
+    return variant
+
+
+def route_variants(route: Route) -> set[str]:
+    """Every variant a route may send a request to."""
+    names = set(route.split) | set(route.fallback)
+    if route.shadow is not None:
+        names.add(route.shadow.variant)
+    for rule in route.rules:
+        names.update([rule.variant] if rule.variant is not None else rule.split or ())
+    return names
 
 
 def plan(gw: Gateway, route: Route, chosen: str) -> list[str]:

@@ -54,6 +54,7 @@ class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     attempts: int = 1  # upstream calls made for it (retries and fallbacks included)
     shadow_of: str | None = None  # set on a shadow request: the primary's request_id
+    forced: bool = False  # the admin chose the variant (offline eval): not part of the A/B
     content: dict[str, object] | None = None
     # On a shadow: {exact, similarity, json_equal, agreement} vs the primary's answer
     # (router.compare), or just {agreement: "error"} when the shadow call failed.

@@ -2,7 +2,9 @@
 confidence intervals, pairwise comparisons with the control, break-even rates and a verdict.
 
 Conventions:
-- Shadow records (`shadow_of` set) are left out of every figure; only their count is given.
+- Shadow records (`shadow_of` set) and forced ones (the admin chose the variant, as `turnout
+  eval` does) are left out of the per-variant figures; only their counts are given. Shadows
+  have their own paired comparison with the primary they copied.
 - An *error* is a record with status >= 500 (the gateway or upstream failed; 4xx and the
   client's own 499 are not the variant's fault). A *success* has status < 400.
 - Latency and tokens are over successes; cost is over every record (what was paid per
@@ -10,11 +12,23 @@ Conventions:
 - Bootstrap draws use a `random.Random` seeded per (seed, variant, figure): the same records
   give the same report.
 - Differences are `variant - control`; the control is the first variant of the route's split.
+- Feedback (`feedback`: request id -> {metric: value}) is summarised per declared metric of
+  the route: a rate with a Wilson interval for bool metrics, a bootstrap mean for float ones;
+  its pairwise difference says `better` in the metric's own direction (`higher_is_better`).
+- Shadows are paired with the primary request they copied (when it is in the records): the
+  agreement rate of their answers (router.compare; failed shadow calls counted apart) and the
+  mean latency and cost differences `shadow - primary` on the same requests.
+- Break-even: the request rate per hour above which the self-hosted fleet (a fixed cost per
+  hour) is cheaper than the hosted variant's measured cost per request (prompt tax included).
+  Beside it the capacity one replica was seen to sustain, in requests per hour of this route's
+  mix (a lower bound: the busiest 10 s of the window), and whether the fleet's measured
+  capacity reaches the crossing.
 
 Verdict (per route, documented in the answer as `rule`):
 - "switch to X": X is the cheapest variant whose cost per request is significantly lower
-  than the control's, whose error rate is not significantly higher, and whose p95 total
-  latency is at most 20% above the control's.
+  than the control's, whose error rate is not significantly higher, whose feedback is
+  significantly worse on no declared metric, and whose p95 total latency is at most 20%
+  above the control's.
 - "split": no switch yet, but some variant's cost difference is not significant and the
   sample size needed per arm (to detect a 10% change in mean cost) exceeds what it has:
   keep the experiment running.
@@ -34,7 +48,7 @@ from typing import Any
 
 from gateway.gpu_meter import GpuMeter
 from gateway.records import RequestRecord
-from gateway.settings import Route, Variant
+from gateway.settings import FeedbackMetric, Route, Variant
 from router.gpu_cost import break_even_rate
 from router.stats import (
     Difference,
@@ -50,11 +64,12 @@ from router.stats import (
 )
 
 MIN_SUCCESSES = 30
-MIN_EFFECT = 0.10  # relative change in mean cost the sample size is computed for
 LATENCY_SLACK = 1.20  # a switch may not make p95 latency worse than this ratio
 RESAMPLES = 1000
+QUANTILES = tuple(range(0, 101, 5))  # the latency distribution drawn by the HTML report
 
 Json = dict[str, Any]
+Feedback = Mapping[str, Mapping[str, bool | float]]  # request id -> metric -> value
 
 
 def _num(value: float) -> float | None:
@@ -82,6 +97,12 @@ class _Arm:
     records: list[RequestRecord]
     seed: int
     resamples: int
+    feedback: Feedback
+
+    def feedback_values(self, metric: str) -> list[float]:
+        """The metric's values posted on this arm's requests (bools as 0/1)."""
+        found = (self.feedback.get(r.request_id, {}).get(metric) for r in self.records)
+        return [float(v) for v in found if v is not None]
 
     @property
     def ok(self) -> list[RequestRecord]:
@@ -106,7 +127,32 @@ class _Arm:
         return bootstrap(values, stat, self.rng(figure), self.resamples)
 
 
-def _variant_table(arm: _Arm) -> Json:
+def _feedback_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
+    table: Json = {}
+    for metric in metrics:
+        values = arm.feedback_values(metric.name)
+        if metric.type == "bool":
+            value = wilson(int(sum(values)), len(values))
+        else:
+            value = arm.boot(values, f"feedback-{metric.name}", mean)
+        table[metric.name] = {"n": len(values), "mean": _interval(value)}
+    return table
+
+
+def _feedback_pairs(control: _Arm, arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
+    pairs: Json = {}
+    for metric in metrics:
+        a, b = control.feedback_values(metric.name), arm.feedback_values(metric.name)
+        if metric.type == "bool":
+            d = diff_of_proportions_ci(int(sum(a)), len(a), int(sum(b)), len(b))
+        else:
+            d = diff_of_means_ci(a, b, arm.rng(f"feedback-{metric.name}"), arm.resamples)
+        up = d.estimate > 0 if metric.higher_is_better else d.estimate < 0
+        pairs[metric.name] = _difference(d) | {"better": d.significant and up}
+    return pairs
+
+
+def _variant_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
     ok = arm.ok
     latency: Json = {}
     for phase in ("total", "ttft", "tpot"):
@@ -116,6 +162,7 @@ def _variant_table(arm: _Arm) -> Json:
             "p50": _interval(arm.boot(values, f"{phase}-p50", _p(50))),
             "p95": _interval(arm.boot(values, f"{phase}-p95", _p(95))),
             "p99": _num(percentile(values, 99)),
+            "quantiles": [_num(percentile(values, q)) for q in QUANTILES],
         }
     kinds = {
         "client_prompt": [float(r.usage.prompt - r.usage.injected) for r in ok],
@@ -138,17 +185,18 @@ def _variant_table(arm: _Arm) -> Json:
         "cost_per_request_usd": _interval(cost),
         "cost_per_1k_requests_usd": _interval(per_1k),
         "prompt_tax_per_request_usd": _interval(arm.boot(taxes, "prompt-tax", mean)),
+        "feedback": _feedback_table(arm, metrics),
     }
 
 
-def _needed_per_arm(control: _Arm) -> int | None:
+def _needed_per_arm(control: _Arm, min_effect: float) -> int | None:
     costs = control.costs
     if len(costs) < 2 or mean(costs) <= 0:
         return None
-    return sample_size_for_means(statistics.stdev(costs), MIN_EFFECT * mean(costs))
+    return sample_size_for_means(statistics.stdev(costs), min_effect * mean(costs))
 
 
-def _pairwise(control: _Arm, arm: _Arm) -> Json:
+def _pairwise(control: _Arm, arm: _Arm, route: Route) -> Json:
     rng = arm.rng(f"vs-{control.name}")
     cost = diff_of_means_ci(control.costs, arm.costs, rng, arm.resamples)
     p50 = diff_of_stats_ci(
@@ -157,15 +205,51 @@ def _pairwise(control: _Arm, arm: _Arm) -> Json:
     errors = diff_of_proportions_ci(
         control.errors, len(control.records), arm.errors, len(arm.records)
     )
+    needed = _needed_per_arm(control, route.min_effect)
+    have = min(len(control.records), len(arm.records))
     return {
         "variant": arm.name,
         "control": control.name,
         "cost_per_request_usd": _difference(cost),
         "latency_p50_total_s": _difference(p50),
         "error_rate": _difference(errors),
-        "needed_per_arm": _needed_per_arm(control),
-        "min_effect": f"{MIN_EFFECT:.0%} of the control's mean cost per request",
+        "feedback": _feedback_pairs(control, arm, route.feedback),
+        "needed_per_arm": needed,
+        "still_needed_per_arm": None if needed is None else max(needed - have, 0),
+        "min_effect": f"{route.min_effect:.0%} of the control's mean cost per request",
     }
+
+
+def _shadows(
+    primary: Sequence[RequestRecord], own: Sequence[RequestRecord], seed: int
+) -> list[Json]:
+    """Each (primary variant, shadow variant) pair: agreement and paired deltas."""
+    by_id = {r.request_id: r for r in primary}
+    groups: dict[tuple[str, str], list[tuple[RequestRecord, RequestRecord]]] = {}
+    for shadow in own:
+        first = by_id.get(shadow.shadow_of or "")
+        if first is not None:
+            groups.setdefault((first.variant, shadow.variant), []).append((first, shadow))
+    found: list[Json] = []
+    for (first_variant, shadow_variant), pairs in sorted(groups.items()):
+        verdicts = [(s.comparison or {}).get("agreement") for _, s in pairs]
+        compared = [v for v in verdicts if v in ("agree", "disagree")]
+        answered = [(p, s) for p, s in pairs if s.status < 400]
+        latency = [s.latency.total - p.latency.total for p, s in answered]
+        cost = [s.cost_usd - p.cost_usd for p, s in pairs]
+        rng = random.Random(f"{seed}:shadow:{first_variant}:{shadow_variant}")
+        found.append(
+            {
+                "primary": first_variant,
+                "shadow": shadow_variant,
+                "pairs": len(pairs),
+                "shadow_errors": len(pairs) - len(compared),
+                "agreement": _interval(wilson(compared.count("agree"), len(compared))),
+                "latency_delta_s": _interval(bootstrap(latency, mean, rng, RESAMPLES)),
+                "cost_delta_usd": _interval(bootstrap(cost, mean, rng, RESAMPLES)),
+            }
+        )
+    return found
 
 
 def _break_even(
@@ -181,6 +265,15 @@ def _break_even(
             continue
         meter = meters[ft.upstream]
         fleet_per_hour = meter.fleet_cost(3600.0)
+        weight = mean(
+            [
+                meter.gpu.prefill_factor * r.usage.prompt + r.usage.completion
+                for r in arms[ft_name].ok
+            ]
+        )
+        peak = meter.capacity()
+        per_replica = peak * 3600 / weight if peak > 0 and weight > 0 else None
+        fleet_capacity = None if per_replica is None else per_replica * meter.replicas
         for hosted_name, hosted_arm in arms.items():
             hosted = variants.get(hosted_name)
             if hosted is None or hosted.price is None or not hosted_arm.records:
@@ -196,7 +289,13 @@ def _break_even(
                     "break_even_requests_per_hour": _num(crossing),
                     "current_requests_per_hour": rate,
                     "fleet_cheaper_now": None if rate is None else rate > crossing,
-                    "capacity_tokens_per_s": meter.capacity(),
+                    "replicas": meter.replicas,
+                    "capacity_tokens_per_s": peak,
+                    "capacity_requests_per_hour": per_replica,
+                    "fleet_capacity_requests_per_hour": fleet_capacity,
+                    "within_capacity": None
+                    if fleet_capacity is None
+                    else crossing <= fleet_capacity,
                 }
             )
     return found
@@ -213,7 +312,11 @@ def _verdict(control: _Arm, arms: Mapping[str, _Arm], pairs: Mapping[str, Json])
         ratio = p95 / control_p95 if control_p95 > 0 else math.nan
         cheaper = cost["significant"] and (cost["estimate"] or 0.0) < 0
         worse_errors = errors["significant"] and (errors["estimate"] or 0.0) > 0
-        if cheaper and not worse_errors and (math.isnan(ratio) or ratio <= LATENCY_SLACK):
+        worse_feedback = any(
+            f["significant"] and not f["better"] for f in pair["feedback"].values()
+        )
+        fine = not worse_errors and not worse_feedback
+        if cheaper and fine and (math.isnan(ratio) or ratio <= LATENCY_SLACK):
             numbers = {"cost_difference_per_request_usd": cost, "p95_latency_ratio": _num(ratio)}
             switch.append((mean(arms[name].costs), name, numbers))
         needed = pair["needed_per_arm"]
@@ -236,8 +339,9 @@ def _verdict(control: _Arm, arms: Mapping[str, _Arm], pairs: Mapping[str, Json])
         }
     verdict["rule"] = (
         "switch to the cheapest variant significantly cheaper than the control whose error "
-        "rate is not significantly higher and whose p95 latency is at most 20% higher; else "
-        "split while more data could decide the cost difference; else keep"
+        "rate is not significantly higher, whose feedback is significantly worse on no metric "
+        "and whose p95 latency is at most 20% higher; else split while more data could decide "
+        "the cost difference; else keep"
     )
     if any(len(arm.ok) < MIN_SUCCESSES for arm in arms.values()):
         verdict["warning"] = "too few data"
@@ -255,20 +359,24 @@ def route_report(
     now: float,
     seed: int = 0,
     resamples: int = RESAMPLES,
+    feedback: Feedback | None = None,
 ) -> Json:
     """The report of one route from its records (those of other routes are ignored)."""
     own = [r for r in records if r.route == route_name]
-    primary = [r for r in own if r.shadow_of is None]
+    primary = [r for r in own if r.shadow_of is None and not r.forced]
     names = list(route.split) + sorted({r.variant for r in primary} - set(route.split))
     arms = {
-        name: _Arm(name, [r for r in primary if r.variant == name], seed, resamples)
+        name: _Arm(name, [r for r in primary if r.variant == name], seed, resamples, feedback or {})
         for name in names
     }
     control = arms[names[0]]
     start = since if since is not None else min((r.time for r in primary), default=now)
     hours = (now - start) / 3600
     rate = len(primary) / hours if hours > 0 else None
-    pairs = {name: _pairwise(control, arm) for name, arm in arms.items() if arm is not control}
+    pairs = {
+        name: _pairwise(control, arm, route) for name, arm in arms.items() if arm is not control
+    }
+    shadows = [r for r in own if r.shadow_of is not None]
     return {
         "route": route_name,
         "control": control.name,
@@ -276,9 +384,11 @@ def route_report(
         "window_hours": hours,
         "requests": len(primary),
         "requests_per_hour": rate,
-        "shadow_records_excluded": len(own) - len(primary),
-        "variants": {name: _variant_table(arm) for name, arm in arms.items()},
+        "shadow_records_excluded": sum(1 for r in own if r.shadow_of is not None),
+        "forced_records_excluded": sum(1 for r in own if r.forced and r.shadow_of is None),
+        "variants": {name: _variant_table(arm, route.feedback) for name, arm in arms.items()},
         "pairwise": list(pairs.values()),
+        "shadow": _shadows(primary, shadows, seed),
         "break_even": _break_even(arms, variants, meters, rate),
         "verdict": _verdict(control, arms, pairs),
     }
@@ -293,6 +403,7 @@ def build_report(
     since: float | None,
     now: float | None = None,
     seed: int = 0,
+    feedback: Feedback | None = None,
 ) -> Json:
     """The report of every route in `routes` (pure but for the meters' fleet cost/capacity)."""
     at = time.time() if now is None else now
@@ -302,7 +413,15 @@ def build_report(
         "level": 0.95,
         "routes": {
             name: route_report(
-                name, route, records, variants, meters, since=since, now=at, seed=seed
+                name,
+                route,
+                records,
+                variants,
+                meters,
+                since=since,
+                now=at,
+                seed=seed,
+                feedback=feedback,
             )
             for name, route in routes.items()
         },

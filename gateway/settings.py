@@ -35,6 +35,9 @@ class State(Strict, frozen=True):
     local_budget_usd: NonNegFloat = 0.0
     # Output tokens reserved (rate limits, budgets) for a request that sets no max_tokens.
     max_tokens_ceiling: PositiveInt = 4096
+    # How long a request waits on Redis (a limit, a budget hold, a key or assignment lookup)
+    # before the failure policy applies; settling spend off the request path may take longer.
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.1
 
 
 class Timeouts(Strict, frozen=True):
@@ -105,6 +108,11 @@ class SimulatedUpstream(Strict, tag="simulated", tag_field="kind", frozen=True):
     gpu: Gpu | None = None
     timeouts: Timeouts = Timeouts()
     pool: Pool = Pool()
+    # A task it knows (for `turnout eval` demos and tests): a JSON-lines file in the eval
+    # dataset format, relative to the config file's directory; and per served model the share
+    # of its questions answered right, 0..1 (a model not listed: all of them).
+    answers: str | None = None
+    accuracy: dict[str, float] = {}
 
 
 Upstream = VllmUpstream | OpenAIUpstream | SimulatedUpstream
@@ -183,6 +191,8 @@ class Route(Strict, frozen=True):
     rules: list[Rule] = []
     budget: Budget | None = None  # for every key together
     feedback: list[FeedbackMetric] = []
+    # The report's sample size: requests per arm to detect this relative change in mean cost.
+    min_effect: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.10
 
 
 class Breaker(Strict, frozen=True):

@@ -218,8 +218,11 @@ class RedisState:
         return BudgetDecision(bool(allowed), to_usd(spent), to_usd(reserved), retry_ms / 1000)
 
     async def settle(self, budget: str, reservation: str, actual: float) -> None:
+        """Off the request path: it may wait the longer DEADLINE_S (a lost settle leaves spend
+        unrecorded until the hold expires)."""
         args: list[str | int] = [reservation, to_micros(actual), round(SETTLED_MEMORY_S * 1000)]
-        await self._run(self._settle, self._budget_keys(budget), args)
+        keys = self._budget_keys(budget)
+        await self._run(self._settle, keys, args, max(self._deadline_s, DEADLINE_S))
 
     async def totals(self, budget: str) -> tuple[float, float]:
         spent, reserved = await self._run(self._totals, self._budget_keys(budget), [])
@@ -228,9 +231,15 @@ class RedisState:
     async def aclose(self) -> None:
         pass
 
-    async def _run(self, script: AsyncScript, keys: list[str], args: Sequence[str | int]) -> Any:
+    async def _run(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        args: Sequence[str | int],
+        deadline_s: float | None = None,
+    ) -> Any:
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(deadline_s or self._deadline_s):
                 return await script(keys=keys, args=args)
         except (RedisError, TimeoutError, OSError) as exc:
             raise StateUnavailable("The state store is unavailable.") from exc

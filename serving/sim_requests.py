@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from gateway.tokens import TokenCounter
+from serving.sim_answers import token_pieces
 from serving.sim_text import seed_of, words
 
 MAX_TOKENS = 1 << 20
@@ -104,6 +105,20 @@ def parse_chat(body: dict[str, Any], counter: TokenCounter, default_tokens: int)
     seed = seed_of(messages)
     choices = [words(seed_of(seed, i), limit or default_tokens) for i in range(n)]
     return _generation(body, True, counter.chat(messages), choices, limit is not None)
+
+
+def answer_with(gen: Generation, body: dict[str, Any], counter: TokenCounter, text: str) -> None:
+    """Make every choice of a parsed chat request `text` (one piece per token, so usage
+    counts what is returned), cut at the request's max tokens ("length") or whole ("stop")."""
+    limit = _int_field(body, "max_completion_tokens", 1, MAX_TOKENS)
+    if limit is None:
+        limit = _int_field(body, "max_tokens", 1, MAX_TOKENS)
+    pieces = token_pieces(counter, text)
+    cut = limit is not None and len(pieces) > limit
+    if cut:
+        pieces = pieces[:limit]
+    gen.choices = [list(pieces) for _ in gen.choices]
+    gen.finish_reason = "length" if cut else "stop"
 
 
 def parse_completion(

@@ -13,9 +13,11 @@ from typing import Any
 import msgspec
 
 from gateway.tokens import TokenCounter
+from serving.sim_answers import Answers, load_answers
 from serving.sim_requests import (
     Generation,
     SimError,
+    answer_with,
     parse_chat,
     parse_completion,
     parse_embedding,
@@ -45,6 +47,11 @@ class SimProfile(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 16
     models: tuple[str, ...] = ()
     seed: int | None = None
+    # A task it knows: a JSON-lines file of {"messages"|"prompt", "expected"} (the format of
+    # `turnout eval` datasets), and per served model the share of those answered right
+    # (a model not listed: all of them). See serving/sim_answers.py.
+    answers: str | None = None
+    accuracy: dict[str, float] = {}
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ttft_ms) and self.ttft_ms >= 0):
@@ -55,6 +62,9 @@ class SimProfile(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("failure_rate must be in [0, 1]")
         if self.completion_tokens < 0:
             raise ValueError("completion_tokens must be >= 0")
+        for model, share in self.accuracy.items():
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"accuracy of {model!r} must be in [0, 1]")
 
 
 class _Counters:
@@ -109,6 +119,8 @@ class _SimApp:
         self.rng = random.Random(profile.seed)
         self.created = int(time.time())
         self.gap = 1.0 / profile.tokens_per_s
+        # Read once, here: a bad file fails the start, never a request.
+        self.answers: Answers | None = load_answers(profile.answers) if profile.answers else None
         self.routes: dict[str, tuple[bytes, Handler]] = {
             "/health": (b"GET", self._health),
             "/metrics": (b"GET", self._metrics),
@@ -145,7 +157,21 @@ class _SimApp:
         await _respond(send, 200, self._metrics_text(), PROMETHEUS)
 
     async def _chat(self, receive: Receive, send: Send) -> None:
-        await self._generate(receive, send, parse_chat)
+        await self._generate(receive, send, self._parse_chat)
+
+    def _parse_chat(
+        self, body: dict[str, Any], counter: TokenCounter, default_tokens: int
+    ) -> Generation:
+        """A chat request; one whose last user message is a known question gets its answer
+        (right or wrong by the model's accuracy) instead of pseudo-words."""
+        gen = parse_chat(body, counter, default_tokens)
+        if self.answers is not None:
+            text = self.answers.answer(
+                body["messages"], gen.model, self.profile.accuracy, self.profile.seed
+            )
+            if text is not None:
+                answer_with(gen, body, counter, text)
+        return gen
 
     async def _completions(self, receive: Receive, send: Send) -> None:
         await self._generate(receive, send, parse_completion)

@@ -40,6 +40,7 @@ MODELS = (
     *("no-trailing-newline", "slow-first-event", "first-event-error", "keepalive-first"),
     "detailed-usage",
     "stream-empty",
+    "judge",
 )
 
 # status -> (message, type, param, code); the messages that pass through carry a secret.
@@ -328,6 +329,8 @@ def _is_tokens(value: Any) -> bool:
 async def _complete(kind: str, received: Received, model: str, reply: _Reply) -> None:
     if model == "echo":
         text, tokens = received.body.decode("utf-8", "replace"), 1
+    elif model == "judge":
+        text, tokens = _judge(received.json), 1
     else:
         text, tokens = OK_TEXT, len(OK_PIECES)
     if kind == "chat":
@@ -340,6 +343,19 @@ async def _complete(kind: str, received: Received, model: str, reply: _Reply) ->
     answer = envelope | {"created": CREATED, "model": model, "choices": [choice]}
     data = _dumps(answer | {"usage": _usage(tokens, model)})
     await reply.raw_json(200, data, sliced=model == "sliced")
+
+
+def _judge(body: dict[str, Any]) -> str:
+    """`judge`: "Yes." when the last message's <candidate> equals its <reference> (case and
+    surrounding blanks aside), else "No, ..."; as an LLM judge asked by `turnout eval` would."""
+    messages = body.get("messages") or [{}]
+    content = str(messages[-1].get("content", ""))
+
+    def tagged(tag: str) -> str:
+        start, end = content.find(f"<{tag}>"), content.find(f"</{tag}>")
+        return content[start + len(tag) + 2 : end].strip().casefold() if 0 <= start < end else ""
+
+    return "Yes." if tagged("candidate") == tagged("reference") else "No, it differs."
 
 
 def _usage(completion_tokens: int, model: str = "") -> dict[str, Any]:

@@ -17,6 +17,8 @@ def build(name: str, config: SimulatedUpstream, environ: Mapping[str, str]) -> U
         failure_rate=config.failure_rate,
         completion_tokens=config.completion_tokens,
         models=tuple(config.models),
+        answers=config.answers,
+        accuracy=dict(config.accuracy),
     )
     transport = InProcessTransport(create_simulated_app(profile))
     return Upstream(

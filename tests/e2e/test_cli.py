@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -104,11 +105,17 @@ def test_serve_quickstart_with_openai_client(served_quickstart: str) -> None:
     assert len(client.embeddings.create(model="support", input="hi").data) == 1
 
 
-def test_make_demo_exits_zero() -> None:
+def test_make_demo_exits_zero_with_a_verdict_and_the_html_report() -> None:
+    page = ROOT / "turnout-report.html"
+    page.unlink(missing_ok=True)
     result = subprocess.run(["make", "demo"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "support-ft" in result.stdout and "support-prompted" in result.stdout
     assert "Break-even" in result.stdout
+    assert re.search(r"verdict: (keep|split|switch to support-prompted)", result.stdout)
+    assert "shadow support-ft -> support-small" in result.stdout
+    html = page.read_text(encoding="utf-8")
+    assert "Route support" in html and html.count("<svg") >= 3
 
 
 def test_simulate_serves_an_openai_compatible_upstream() -> None:

@@ -101,6 +101,25 @@ def test_feedback_is_checked_stored_and_shown(served: str) -> None:
         assert record["feedback"]["rating"]["value"] == 4.0
 
 
+def test_the_report_summarises_feedback_per_variant(served: str) -> None:
+    with httpx.Client(base_url=served, timeout=10) as client:
+        ids = [_chat(client) for _ in range(6)]
+        for i, request_id in enumerate(ids):
+            for metric, value in (("resolved", i % 3 != 0), ("rating", float(i))):
+                body = {"request_id": request_id, "metric": metric, "value": value}
+                assert (
+                    client.post("/turnout/feedback", json=body, headers=CLIENT).status_code == 200
+                )
+        answer = client.get("/turnout/report", params={"route": "ok"}, headers=ADMIN)
+        assert answer.status_code == 200, answer.text
+        table = answer.json()["routes"]["ok"]["variants"]["ok"]["feedback"]
+    assert table["resolved"]["n"] == table["rating"]["n"] == 6  # a fresh gateway per test
+    assert table["resolved"]["mean"]["estimate"] == pytest.approx(4 / 6)
+    assert table["rating"]["mean"]["estimate"] == pytest.approx(2.5)
+    interval = table["resolved"]["mean"]
+    assert 0 <= interval["low"] <= interval["estimate"] <= interval["high"] <= 1
+
+
 def test_a_route_without_metrics_refuses_feedback(served: str) -> None:
     with httpx.Client(base_url=served, timeout=10) as client:
         request_id = _chat(client, "echo")

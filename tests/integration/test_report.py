@@ -144,6 +144,29 @@ def test_break_even_is_fleet_per_hour_over_hosted_cost(
     assert "warning" not in verdict
 
 
+def test_shadows_are_paired_with_the_requests_they_copied(
+    served: tuple[str, TurnoutApp], report: dict[str, Any]
+) -> None:
+    _, app = served
+    primary = {r.request_id: r for r in _primary(app, "ab")}
+    shadows = [r for r in app.gateway.records.local if r.shadow_of in primary]
+    rows = {(row["primary"], row["shadow"]): row for row in report["shadow"]}
+    assert set(rows) == {("sim-ft", "sim-shadow"), ("sim-prompted", "sim-shadow")}
+    assert sum(row["pairs"] for row in rows.values()) == len(shadows) > 0
+    for (first, _), row in rows.items():
+        mine = [s for s in shadows if primary[s.shadow_of or ""].variant == first]
+        agree = sum(1 for s in mine if (s.comparison or {}).get("agreement") == "agree")
+        assert row["pairs"] == len(mine)
+        assert row["shadow_errors"] == 0
+        assert row["agreement"]["estimate"] == pytest.approx(agree / len(mine))
+        deltas = [s.latency.total - primary[s.shadow_of or ""].latency.total for s in mine]
+        assert row["latency_delta_s"]["estimate"] == pytest.approx(math.fsum(deltas) / len(mine))
+        costs = [s.cost_usd - primary[s.shadow_of or ""].cost_usd for s in mine]
+        assert row["cost_delta_usd"]["estimate"] == pytest.approx(math.fsum(costs) / len(mine))
+        for figure in ("agreement", "latency_delta_s", "cost_delta_usd"):
+            _inside(row[figure])
+
+
 def test_report_is_deterministic(served: tuple[str, TurnoutApp], report: dict[str, Any]) -> None:
     url, _ = served
     again = httpx.get(url + "/turnout/report", params={"route": "ab"}, headers=ADMIN).json()
