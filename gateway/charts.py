@@ -534,20 +534,31 @@ def route_charts(route_name: str, route: Mapping[str, Any]) -> dict[str, str]:
     for name, v in variants.items():
         i = v.get("cost_per_1k_requests_usd") or {}
         costs.append((name, i.get("estimate"), i.get("low"), i.get("high")))
+    title = f"{route_name}: cost per 1,000 requests (95% CI)"
     return {
-        "latency": latency_distribution(f"{route_name}: total latency of successes", latency),
-        "cost-per-1k": interval_bars(
-            f"{route_name}: cost per 1,000 requests (95% CI)",
-            costs,
-            unit="USD per 1,000 requests",
-            fmt=usd,
+        "latency": _safe(
+            f"{route_name}: total latency of successes", latency_distribution, latency
         ),
-        "break-even": break_even_chart(
+        "cost-per-1k": _safe(
+            title,
+            lambda t, bars: interval_bars(t, bars, unit="USD per 1,000 requests", fmt=usd),
+            costs,
+        ),
+        "break-even": _safe(
             f"{route_name}: cost per hour against traffic",
+            lambda t, rows: break_even_chart(t, rows, current_rate=route.get("requests_per_hour")),
             route.get("break_even") or [],
-            current_rate=route.get("requests_per_hour"),
         ),
     }
+
+
+def _safe(title: str, draw: Callable[[str, Any], str], data: Any) -> str:
+    """One chart; numbers too extreme to draw (finite, but past what a coordinate can hold)
+    give a chart that says so instead of failing the whole page."""
+    try:
+        return draw(title, data)
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return _no_data(title, "figures out of drawable range")
 
 
 def file_stem(name: str) -> str:

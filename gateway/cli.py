@@ -1,4 +1,4 @@
-"""The `turnout` command line: serve, check, simulate, report, demo, eval."""
+"""The `turnout` command line: serve, check, simulate, report, demo, eval, serving."""
 
 from __future__ import annotations
 
@@ -14,10 +14,74 @@ from gateway.config_check import SettingsError, check_file, check_path, load_set
 from gateway.gateway import WORKERS_ENV
 from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics
 from gateway.settings import Settings
+from serving.vllm_command import Launch, vllm_launch
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Turnout LLM gateway.")
 console = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")]
+serving_app = typer.Typer(
+    no_args_is_help=True, help="vLLM for fine-tuned models, from a `vllm` upstream's `serve`."
+)
+app.add_typer(serving_app, name="serving")
+UpstreamOption = Annotated[str, typer.Option("--upstream", help="A `vllm` upstream with `serve`.")]
+ReplicaOption = Annotated[
+    int, typer.Option("--replica", min=0, help="Which of its `urls` (gives the port).")
+]
+PythonOption = Annotated[
+    str | None,
+    typer.Option(
+        "--python",
+        help="Run `PYTHON -m vllm.entrypoints.openai.api_server` instead of `vllm serve`.",
+    ),
+]
+
+
+@serving_app.command("command")
+def serving_command(
+    config: ConfigOption,
+    upstream: UpstreamOption,
+    replica: ReplicaOption = 0,
+    python: PythonOption = None,
+) -> None:
+    """Print the vLLM command line (environment first; secrets by reference) for a replica."""
+    typer.echo(_launch(config, upstream, replica, python).shell())
+
+
+@serving_app.command("launch")
+def serving_launch(
+    config: ConfigOption,
+    upstream: UpstreamOption,
+    replica: ReplicaOption = 0,
+    python: PythonOption = None,
+) -> None:
+    """Exec vLLM for a replica, with the environment it needs (replaces this process)."""
+    launch = _launch(config, upstream, replica, python)
+    console.print(f"exec {escape(launch.shell())}")
+    try:
+        os.execvpe(launch.argv[0], list(launch.argv), launch.env(os.environ))
+    except OSError as exc:
+        console.print(f"[red]error[/] cannot run {escape(launch.argv[0])}: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+
+def _launch(config: Path, upstream: str, replica: int, python: str | None) -> Launch:
+    from gateway.settings import VllmUpstream
+
+    settings = _settings_for_report(config)
+    found = settings.upstreams.get(upstream)
+    if not isinstance(found, VllmUpstream) or found.serve is None:
+        names = [
+            n for n, u in settings.upstreams.items() if isinstance(u, VllmUpstream) and u.serve
+        ]
+        console.print(
+            f"[red]error[/] no vllm upstream `{escape(upstream)}` with a `serve` section "
+            f"(have: {escape(', '.join(names) or 'none')})"
+        )
+        raise typer.Exit(2)
+    if replica >= len(found.urls):
+        console.print(f"[red]error[/] upstream `{escape(upstream)}` has {len(found.urls)} url(s)")
+        raise typer.Exit(2)
+    return vllm_launch(found, replica, python=python)
 
 
 @app.command()
@@ -173,14 +237,19 @@ def evaluate(
         str | None, typer.Option(help="Comma-separated variants (default: the route's split).")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 8,
-    base_url: Annotated[str | None, typer.Option(help="A running gateway's base URL.")] = None,
-    api_key: Annotated[
-        str | None, typer.Option(help="--base-url's admin key (default: $TURNOUT_ADMIN_KEY).")
+    base_url: Annotated[
+        str | None, typer.Option(help="A running gateway's root URL (a trailing /v1 is dropped).")
     ] = None,
+    admin_key_env: Annotated[
+        str, typer.Option(help="Env var holding --base-url's admin key.")
+    ] = "TURNOUT_ADMIN_KEY",
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="Run a gateway from this YAML, in this process."),
     ] = None,
+    allow_redis: Annotated[
+        bool, typer.Option(help="-c: run even if the config has state.redis_url (it writes there).")
+    ] = False,
     scorer: Annotated[
         str, typer.Option(help="exact | normalised | regex | json-field | judge")
     ] = "normalised",
@@ -194,7 +263,15 @@ def evaluate(
     ] = None,
     out: Annotated[Path, typer.Option(help="The JSON result.")] = Path("eval-result.json"),
     charts: Annotated[Path | None, typer.Option(help="Write PNG charts here.")] = None,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 120.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds per request (its total deadline).")
+    ] = 120.0,
+    max_error_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Exit 1 when a variant's (or the judge's) failures exceed this."
+        ),
+    ] = 0.5,
 ) -> None:
     """Offline evaluation: a labelled dataset through the gateway to each variant of a route."""
     import asyncio
@@ -213,16 +290,18 @@ def evaluate(
         judge_route=judge_route,
         concurrency=concurrency,
         base_url=base_url,
-        api_key=api_key,
+        admin_key_env=admin_key_env,
         config=config,
+        allow_redis=allow_redis,
         out=out,
         charts=charts,
         timeout_s=timeout,
+        max_error_rate=max_error_rate,
     )
     try:
         asyncio.run(run_eval(options, Console(width=max(Console().width, 150)), console))
     except EvalFailed as exc:
-        console.print(f"[red]error[/] {escape(str(exc))}")
+        console.print(f"[red]error[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

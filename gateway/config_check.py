@@ -31,6 +31,7 @@ from gateway.settings import (
     When,
 )
 from serving.sim_answers import load_answers
+from serving.vllm_command import OWN_FLAGS
 
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
@@ -116,6 +117,7 @@ def check_settings(
     parts = _convert_sections(raw, problems)
     _resolve_paths(parts, base_dir)
     problems += _check_simulated(parts)
+    problems += _check_serve(parts)
     problems += _check_variants(parts)
     problems += _check_routes(parts)
     problems += _check_keys(parts)
@@ -281,6 +283,27 @@ def _resolve_paths(parts: _Parts, base_dir: str | Path | None) -> None:
                 parts.upstreams[name] = msgspec.structs.replace(upstream, answers=answers)
 
 
+def _check_serve(parts: _Parts) -> Iterator[Problem]:
+    """A vLLM `serve` section: adapter names vLLM's `--lora-modules name=path` can carry, a
+    base name no adapter shares, and no flag in `extra_args` that the section already sets."""
+    for name, upstream in parts.upstreams.items():
+        if not isinstance(upstream, VllmUpstream) or upstream.serve is None:
+            continue
+        serve, path = upstream.serve, f"upstreams.{name}.serve"
+        for adapter, spec in serve.adapter_paths().items():
+            if not _ADAPTER_NAME.fullmatch(adapter):
+                yield Problem(f"{path}.adapters.{adapter}",
+                              "names may use letters, digits and . _ - / : only")  # fmt: skip
+            if not spec.path.strip():
+                yield Problem(f"{path}.adapters.{adapter}", "needs a path or URI")
+        if serve.base_name in serve.adapters:
+            yield Problem(f"{path}.served_model_name", "an adapter has the same name")
+        for i, arg in enumerate(serve.extra_args):
+            flag = arg.split("=", 1)[0]
+            if flag in OWN_FLAGS:
+                yield Problem(f"{path}.extra_args[{i}]", f"{flag} is set from the section's keys")
+
+
 def _check_simulated(parts: _Parts) -> Iterator[Problem]:
     """A simulated upstream's `accuracy` (0..1, served models) and `answers` (a file that
     reads and parses as an eval dataset)."""
@@ -330,10 +353,13 @@ def _check_variants(parts: _Parts) -> Iterator[Problem]:
             )
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9._:/-]+")
+
+
 def _served_models(upstream: Upstream | None) -> list[str] | None:
     """The model names an upstream is configured to serve, or None if it serves any."""
     if isinstance(upstream, VllmUpstream) and upstream.serve is not None:
-        return [upstream.serve.base_model, *upstream.serve.adapters]
+        return [upstream.serve.base_name, *upstream.serve.adapters]
     if isinstance(upstream, SimulatedUpstream) and upstream.models:
         return list(upstream.models)
     return None

@@ -60,40 +60,43 @@ class RedisDirectory:
         for name, value in fields.items():
             args += [name, msgspec.json.encode(value).decode()]
         keys = [self._key(key.sha256), self._names]
-        return bool(await self._run(self._put_key(keys=keys, args=args)))
+        return bool(await self._run(self._put_key(keys=keys, args=args), admin=True))
 
     async def get_key(self, sha256: str) -> StoredKey | None:
         fields = await self._run(self._client.hgetall(self._key(sha256)))
         return _decode(fields) if fields else None
 
     async def list_keys(self) -> list[StoredKey]:
-        index: dict[bytes, bytes] = await self._run(self._client.hgetall(self._names))
+        index: dict[bytes, bytes] = await self._run(self._client.hgetall(self._names), admin=True)
         if not index:
             return []
         pipe = self._client.pipeline(transaction=False)
         for sha in index.values():
             pipe.hgetall(self._key(sha.decode()))
-        found = await self._run(pipe.execute())
+        found = await self._run(pipe.execute(), admin=True)
         return sorted((_decode(f) for f in found if f), key=lambda k: k.name)
 
     async def disable_key(self, name: str) -> bool:
         args = [name, self._key("")]
-        return bool(await self._run(self._disable_key(keys=[self._names], args=args)))
+        return bool(await self._run(self._disable_key(keys=[self._names], args=args), admin=True))
 
     async def set_assignment(self, route: str, subject: str, variant: str) -> None:
-        await self._run(self._client.hset(self._assign(route), subject, variant))
+        await self._run(self._client.hset(self._assign(route), subject, variant), admin=True)
 
     async def get_assignment(self, route: str, subject: str) -> str | None:
         found: bytes | None = await self._run(self._client.hget(self._assign(route), subject))
         return None if found is None else found.decode()
 
     async def delete_assignment(self, route: str, subject: str) -> bool:
-        return bool(await self._run(self._client.hdel(self._assign(route), subject)))
+        return bool(await self._run(self._client.hdel(self._assign(route), subject), admin=True))
 
-    async def _run(self, call: Awaitable[Any] | Any) -> Any:
+    async def _run(self, call: Awaitable[Any] | Any, *, admin: bool = False) -> Any:
+        """Lookups on the request path wait `deadline_s`; admin calls at least DEADLINE_S."""
         """Await a redis-py call (typed as maybe-sync by redis-py; always a coroutine here)."""
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(
+                max(self._deadline_s, DEADLINE_S) if admin else self._deadline_s
+            ):
                 return await call
         except (RedisError, TimeoutError, OSError) as exc:
             raise StateUnavailable("The state store is unavailable.") from exc

@@ -10,7 +10,11 @@ body (`temperature`, `max_tokens`, ...). Blank lines are skipped; other keys are
 
 Accuracy counts every example sent: an error (a non-2xx answer or no answer at all) is an
 incorrect answer, also counted apart. Latency and tokens are over the answers (2xx); cost is
-over every request whose answer carried `x-turnout-cost-usd`.
+over every request whose answer carried `x-turnout-cost-usd`. Every variant answers the same
+examples, so each variant's accuracy is compared with the first's by a paired interval.
+
+JSON has no NaN or infinity: a dataset line carrying one is refused, and the result maps any
+non-finite number to null (`finite_json`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import random
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +34,7 @@ from router.stats import (
     Difference,
     Interval,
     bootstrap,
-    diff_of_proportions_ci,
+    diff_of_paired_proportions_ci,
     mean,
     percentile,
     wilson,
@@ -42,6 +47,7 @@ Scorer = Callable[[str, object], bool]  # (answer, expected) -> correct
 RESERVED_PARAMS = ("model", "messages", "prompt", "stream", "stream_options")
 PLACEHOLDER = "{expected}"
 RESAMPLES = 1000
+DEFAULT_MAX_ERROR_RATE = 0.5
 
 
 class DatasetError(ValueError):
@@ -102,9 +108,11 @@ def parse_dataset(lines: Iterable[str | bytes], *, source: str = "dataset") -> l
 def parse_example(text: str, number: int, where: str) -> Example:
     """One dataset line (see the module's docstring)."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except _NotFinite as exc:
+        raise DatasetError(f"{where}: {exc} is not a JSON number (no NaN or infinity)") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {_kind(obj)}")
     if "expected" not in obj or obj["expected"] is None:
@@ -120,6 +128,22 @@ def parse_example(text: str, number: int, where: str) -> Example:
     if reserved:
         raise DatasetError(f"{where}: `params` may not set {', '.join(reserved)}")
     return Example(str(ident), messages, obj["expected"], params, number)
+
+
+class _NotFinite(ValueError):
+    """NaN, Infinity or a number too large for a float: Python's json reads them, JSON has
+    none (and the result, written as strict JSON, could not carry them)."""
+
+
+def _no_constant(name: str) -> object:
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
 
 
 def _messages_of(obj: Json, where: str) -> list[Json]:
@@ -390,16 +414,36 @@ class VariantSummary:
     completion_tokens_per_request: float | None
     tokens: int
     judge_cost_usd: float
-    judge_unparsed: int
+    judge_unparsed: int  # the judge answered without a leading yes/no
+    judge_errors: int = 0  # the judge call failed (no verdict)
+    judged: int = 0  # answers the judge was asked about
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.examples if self.examples else 0.0
+
+    @property
+    def judge_failure_rate(self) -> float:
+        return (self.judge_unparsed + self.judge_errors) / self.judged if self.judged else 0.0
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Accuracy of `variant` minus that of `baseline` (the first variant)."""
+    """Accuracy of `variant` minus that of `baseline` (the first variant), over the examples
+    both answered: `both` right, `only_baseline`, `only_variant`, `neither`."""
 
     baseline: str
     variant: str
     difference: Difference
+    both: int = 0
+    only_baseline: int = 0
+    only_variant: int = 0
+    neither: int = 0
+    method: str = "paired"
+
+    @property
+    def pairs(self) -> int:
+        return self.both + self.only_baseline + self.only_variant + self.neither
 
 
 @dataclass(frozen=True)
@@ -417,20 +461,30 @@ def summarise(
 ) -> Summary:
     """Per variant (in the order given): accuracy with its 95% Wilson interval, errors,
     latency p50/p95 with bootstrap intervals, cost and tokens; then each variant's accuracy
-    difference from the first (Newcombe's interval)."""
-    rows = [
-        summarise_variant(name, [o for o in outcomes if o.variant == name], seed, resamples)
-        for name in variants
-    ]
+    difference from the first over the examples both answered (Newcombe's paired interval:
+    the variants answered the same examples, so their answers are not independent)."""
+    by_variant = {name: [o for o in outcomes if o.variant == name] for name in variants}
+    rows = [summarise_variant(name, by_variant[name], seed, resamples) for name in variants]
     comparisons = [
-        Comparison(
-            rows[0].variant,
-            row.variant,
-            diff_of_proportions_ci(rows[0].correct, rows[0].examples, row.correct, row.examples),
-        )
-        for row in rows[1:]
+        compare_paired(variants[0], by_variant[variants[0]], name, by_variant[name])
+        for name in variants[1:]
     ]
     return Summary(rows, comparisons)
+
+
+def compare_paired(
+    baseline: str, base_outcomes: Sequence[Outcome], variant: str, outcomes: Sequence[Outcome]
+) -> Comparison:
+    """The 2x2 table of right/wrong on the examples both variants answered (matched by
+    example id), and the paired interval of `variant`'s accuracy minus `baseline`'s."""
+    base_right = {o.example_id: o.correct for o in base_outcomes}
+    cells = Counter(
+        (base_right[o.example_id], o.correct) for o in outcomes if o.example_id in base_right
+    )
+    both, only_base = cells[True, True], cells[True, False]
+    only_variant, neither = cells[False, True], cells[False, False]
+    difference = diff_of_paired_proportions_ci(both, only_base, only_variant, neither)
+    return Comparison(baseline, variant, difference, both, only_base, only_variant, neither)
 
 
 def summarise_variant(
@@ -464,12 +518,102 @@ def summarise_variant(
         judge_unparsed=sum(
             1 for o in outcomes if o.judge_answer is not None and o.judge_verdict is None
         ),
+        judge_errors=sum(1 for o in outcomes if o.judge_error is not None),
+        judged=sum(1 for o in outcomes if o.judge_answer is not None or o.judge_error is not None),
     )
+
+
+# What makes a run fail (exit 1) once it is done
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_failure(summary: Summary, outcomes: Sequence[Outcome], max_rate: float) -> str | None:
+    """Why the run failed when a variant's share of errored requests (non-2xx or no answer)
+    exceeds `max_rate`: those variants and the commonest error among them; else None."""
+    over = [row for row in summary.variants if row.error_rate > max_rate]
+    if not over:
+        return None
+    names = {row.variant for row in over}
+    errors = Counter(
+        o.error for o in outcomes if o.variant in names and not o.ok and o.error is not None
+    )
+    shares = ", ".join(f"{r.variant} {r.errors} of {r.examples} ({r.error_rate:.0%})" for r in over)
+    text = (
+        f"too many requests failed (more than --max-error-rate {max_rate:.0%} of a variant's): "
+        f"{shares}"
+    )
+    if errors:
+        message, count = errors.most_common(1)[0]
+        text += f"; most common error ({count}x): {_clip(message)}"
+    return text
+
+
+def judge_failure(
+    summary: Summary,
+    outcomes: Sequence[Outcome],
+    max_rate: float,
+    judge: str,
+    judge_route: str,
+    route: str,
+) -> str | None:
+    """Why the run failed when, for a variant, the judge gave no verdict (its answer had no
+    leading yes/no, or the call failed) for more than `max_rate` of the answers it was asked
+    about; else None."""
+    over = [row for row in summary.variants if row.judged and row.judge_failure_rate > max_rate]
+    if not over:
+        return None
+    names = {row.variant for row in over}
+    shares = ", ".join(
+        f"{r.variant} {r.judge_unparsed + r.judge_errors} of {r.judged} "
+        f"({r.judge_unparsed} unparsed, {r.judge_errors} failed)"
+        for r in over
+    )
+    text = (
+        f"the judge `{judge}` gave no verdict for more than --max-error-rate {max_rate:.0%} "
+        f"of the answers: {shares}"
+    )
+    sample = next(
+        (
+            o
+            for o in outcomes
+            if o.variant in names and o.judge_answer is not None and o.judge_verdict is None
+        ),
+        None,
+    )
+    if sample is not None and sample.judge_answer is not None:
+        text += f"; it answered e.g. {_clip(sample.judge_answer, 60)!r}"
+    errors = Counter(o.judge_error for o in outcomes if o.variant in names and o.judge_error)
+    if errors:
+        message, count = errors.most_common(1)[0]
+        text += f"; most common judge error ({count}x): {_clip(message)}"
+    if judge_route == route:
+        text += (
+            f". The judge is forced on --route `{route}`, where a variant usually carries the "
+            "task's own system prompt: give --judge-route ROUTE, a route with a plain "
+            "variant (no task prompt) to judge"
+        )
+    return text
 
 
 def _num(value: float | None) -> float | None:
     """JSON has no NaN or infinity: both become null."""
     return value if value is not None and math.isfinite(value) else None
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, infinity), however deep, made null: what
+    `json.dumps(..., allow_nan=False)` accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def interval_json(interval: Interval) -> Json:
@@ -485,7 +629,8 @@ def interval_json(interval: Interval) -> Json:
 
 def result_json(summary: Summary, outcomes: Sequence[Outcome], meta: Mapping[str, Any]) -> Json:
     """The JSON result: `meta` (route, scorer, dataset, ...), the per-variant figures, the
-    comparisons with the first variant, the judge's cost and one row per example sent."""
+    (paired) comparisons with the first variant, the judge's cost and one row per example
+    sent; non-finite numbers anywhere are null."""
     variants: Json = {}
     for row in summary.variants:
         variants[row.variant] = {
@@ -503,25 +648,36 @@ def result_json(summary: Summary, outcomes: Sequence[Outcome], meta: Mapping[str
             "completion_tokens_per_request": _num(row.completion_tokens_per_request),
             "tokens": row.tokens,
             "judge_cost_usd": row.judge_cost_usd,
+            "judged": row.judged,
             "judge_unparsed": row.judge_unparsed,
+            "judge_errors": row.judge_errors,
         }
     comparisons = [
         {
             "baseline": c.baseline,
             "variant": c.variant,
+            "method": c.method,
             "accuracy_difference": interval_json(c.difference),
             "significant": c.difference.significant,
+            "pairs": c.pairs,
+            "both_correct": c.both,
+            "only_baseline_correct": c.only_baseline,
+            "only_variant_correct": c.only_variant,
+            "neither_correct": c.neither,
         }
         for c in summary.comparisons
     ]
-    return {
-        **meta,
-        "level": 0.95,
-        "variants": variants,
-        "comparisons": comparisons,
-        "judge_cost_usd": math.fsum(row.judge_cost_usd for row in summary.variants),
-        "rows": [row_json(o) for o in outcomes],
-    }
+    result: Json = finite_json(
+        {
+            **meta,
+            "level": 0.95,
+            "variants": variants,
+            "comparisons": comparisons,
+            "judge_cost_usd": math.fsum(row.judge_cost_usd for row in summary.variants),
+            "rows": [row_json(o) for o in outcomes],
+        }
+    )
+    return result
 
 
 def row_json(outcome: Outcome) -> Json:

@@ -12,6 +12,7 @@ Another key gets 404, as for an unknown request, so request ids do not leak betw
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from gateway.settings import Route
 log = logging.getLogger("turnout")
 MAX_COMMENT = 2_000  # characters
 BATCH = 500  # feedback hashes read per Redis round trip for a report
+READ_TIMEOUT_S = 5.0  # per batch
 
 
 class FeedbackBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -90,11 +92,12 @@ class FeedbackStore:
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for request_id in chunk:
-                        pipe.hgetall(self._prefix + request_id)
-                    answers: list[dict[bytes, bytes]] = await pipe.execute()
-            except RedisError:
+                async with asyncio.timeout(READ_TIMEOUT_S):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for request_id in chunk:
+                            pipe.hgetall(self._prefix + request_id)
+                        answers: list[dict[bytes, bytes]] = await pipe.execute()
+            except (RedisError, TimeoutError):
                 raise ServiceUnavailable("The feedback store is unavailable.") from None
             for request_id, fields in zip(chunk, answers, strict=True):
                 notes = {}
@@ -174,11 +177,20 @@ async def feedback_of(gw: Gateway, record: RequestRecord) -> dict[str, Any]:
 
 async def for_report(
     gw: Gateway, records: Sequence[RequestRecord], routes: Mapping[str, Route]
-) -> dict[str, dict[str, bool | float]]:
-    """The feedback values of the primary requests of the routes that declare metrics."""
+) -> dict[str, dict[str, bool | float]] | None:
+    """The feedback values of the primary requests of the routes that declare metrics; None
+    (logged) when the store cannot be read: the report is still worth answering with."""
     wanted = {name for name, route in routes.items() if route.feedback}
-    ids = [r.request_id for r in records if r.route in wanted and r.shadow_of is None]
-    return await store_of(gw).get_many(ids) if ids else {}
+    ids = [
+        r.request_id for r in records if r.route in wanted and r.shadow_of is None and not r.forced
+    ]
+    if not ids:
+        return {}
+    try:
+        return await store_of(gw).get_many(ids)
+    except ServiceUnavailable:
+        log.warning("feedback: Redis read failed; the report is made without feedback")
+        return None
 
 
 def _builtins(feedback: dict[str, Entry]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from gateway.directory_redis import RedisDirectory
 from gateway.gpu_meter import GpuMeter
 from gateway.limits import Limiter
 from gateway.metrics import MULTIPROC_ENV, Metrics
+from gateway.model_watcher import ModelWatcher
 from gateway.record_store import RecordKeeper, connect_redis, open_record_store
 from gateway.records import RequestRecord, Usage, token_cost
 from gateway.rules_config import rules_from_settings
@@ -107,6 +108,11 @@ class Gateway:
         self.scrapers = [
             MetricsScraper(u) for u in self.upstreams.values() if u.scrape_interval_s is not None
         ]
+        self.watchers = [
+            ModelWatcher(self.upstreams[name], config.scrape_interval_s)
+            for name, config in settings.upstreams.items()
+            if isinstance(config, VllmUpstream) and self.upstreams[name].managed
+        ]
         self.shadows = ShadowRunner(self, settings.routing.shadow_concurrency)
         routing = settings.routing
         self.breakers = BreakerBoard(BreakerConfig(**msgspec.structs.asdict(routing.breaker)))
@@ -121,9 +127,12 @@ class Gateway:
         return self.settings.routes.get(name)
 
     def available(self, variant: str, now: float) -> bool:
-        """Some replica of `variant` would let an attempt through its circuit now."""
-        replicas = len(self.variants[variant].upstream.roots)
-        return self.breakers.variant_available(variant, replicas, now)
+        """Some replica of `variant` holds its model (as far as is known) and would let an
+        attempt through its circuit now."""
+        runtime = self.variants[variant]
+        if not runtime.upstream.serves(runtime.config.model):
+            return False
+        return self.breakers.variant_available(variant, len(runtime.upstream.roots), now)
 
     def cost(
         self,
@@ -172,6 +181,12 @@ class Gateway:
                 for s in self.scrapers
                 for i in s.upstream.stale_replicas(now)
             ]
+            + [
+                f"variant {name}: adapter {v.config.model} on no replica of upstream "
+                f"{v.upstream.name}"
+                for name, v in self.variants.items()
+                if not v.upstream.serves(v.config.model)
+            ]
             + (
                 ["redis: unreachable, limits and budgets on local fallbacks"]
                 if self.redis_down or self.limiter.unavailable_since is not None
@@ -215,11 +230,16 @@ class Gateway:
         await self.records.start()
         for scraper in self.scrapers:
             scraper.start()
+        for watcher in self.watchers:
+            await watcher.poll_once()  # routable from the first request, not an interval later
+            watcher.start()
 
     async def aclose(self) -> None:
         try:
             for scraper in self.scrapers:
                 await scraper.aclose()
+            for watcher in self.watchers:
+                await watcher.aclose()
             if self.background:  # settles still under way: give them a moment
                 await asyncio.wait(self.background, timeout=5)
             await self.shadows.aclose()  # before the records and clients shadows still use

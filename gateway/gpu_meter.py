@@ -103,6 +103,22 @@ class ReplicaLedger:
         )
 
 
+@dataclass(frozen=True)
+class FleetFigures:
+    """What a report reads from a meter, taken at one moment: safe to use off the event loop
+    (the meter itself belongs to the loop)."""
+
+    gpu: Gpu
+    replicas: int
+    peak_tokens_per_s: float
+
+    def fleet_cost(self, seconds: float) -> float:
+        return fleet_cost(self.gpu.hourly_usd, self.gpu.count, self.replicas, seconds)
+
+    def capacity(self) -> float:
+        return self.peak_tokens_per_s
+
+
 class GpuMeter:
     """GPU dollars for the requests of one upstream's replicas, from each replica's busy time.
 
@@ -155,6 +171,9 @@ class GpuMeter:
         ledger = self._ledgers[replica]
         ledger.prune(self._clock() - self.window_s)
         return [entry.served for entry in ledger.entries]
+
+    def figures(self) -> FleetFigures:
+        return FleetFigures(self.gpu, self.replicas, self.capacity())
 
     def fleet_cost(self, seconds: float) -> float:
         """Dollars for all replicas over `seconds`, busy or idle."""

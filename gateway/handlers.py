@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -9,7 +10,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from gateway import admin, feedback
+from gateway import adapters, admin, feedback
 from gateway import body as bodies
 from gateway import report as reports
 from gateway.auth import check_admin, may_call
@@ -71,6 +72,14 @@ async def post_feedback(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
     return await feedback.post_feedback(gw, auth, await request.body())
 
 
+# The page holds admin data: never cached, never sniffed, nothing fetched (also in its <meta>).
+PAGE_HEADERS = {
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+}
+
+
 @get("/turnout/report")
 async def report(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
     """The experiment report (admin key): `route` (default every route), `since` (unix s),
@@ -90,12 +99,19 @@ async def report(request: AnyRequest, gw: GatewayDep) -> Response[Any]:
     records = await gw.records.recent(gw.settings.records.capacity, start)
     chosen = {k: v for k, v in routes.items() if v is not None}
     notes = await feedback.for_report(gw, records, chosen)
-    result = reports.build_report(
-        chosen, records, gw.settings.variants, gw.meters, since=start, feedback=notes
-    )
-    if shape == "html":
-        return Response(render_html(result), media_type="text/html")  # Litestar adds charset
-    return Response(result)
+    fleets = {name: meter.figures() for name, meter in gw.meters.items()}
+
+    def build() -> Response[Any]:  # CPU work: in a thread, so the loop keeps serving
+        result = reports.build_report(
+            chosen, records, gw.settings.variants, fleets, since=start, feedback=notes
+        )
+        if notes is None:
+            result["feedback_unavailable"] = True
+        if shape == "html":
+            return Response(render_html(result), media_type="text/html", headers=PAGE_HEADERS)
+        return Response(result)
+
+    return await asyncio.to_thread(build)
 
 
 @post("/turnout/keys", status_code=201)
@@ -129,6 +145,22 @@ async def unassign(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
     return await admin.unassign(gw, admin.parse(await request.body(), admin.Assignment))
 
 
+@post("/turnout/adapters", status_code=200)
+async def load_adapter(request: AnyRequest, gw: GatewayDep) -> dict[str, Any]:
+    """Load a declared LoRA adapter on every replica of a vLLM upstream (admin key)."""
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await adapters.load(gw, await request.body())
+
+
+@delete("/turnout/adapters/{upstream:str}/{name:str}", status_code=200)
+async def unload_adapter(
+    request: AnyRequest, gw: GatewayDep, upstream: FromPath[str], name: FromPath[str]
+) -> dict[str, Any]:
+    """Unload it from every replica; its variants then fall back (admin key)."""
+    check_admin(request.headers.get("authorization"), gw.admin_key)
+    return await adapters.unload(gw, upstream, name)
+
+
 @get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -152,6 +184,6 @@ async def metrics(gw: GatewayDep) -> Response[bytes]:
 
 ROUTES = [
     *(chat_completions, completions, embeddings, models, request_record, post_feedback),
-    *(report, create_key, list_keys, disable_key, assign, unassign),
+    *(report, create_key, list_keys, disable_key, assign, unassign, load_adapter, unload_adapter),
     *(healthz, readyz, metrics),
 ]

@@ -194,8 +194,9 @@ class Metrics:
         )
 
     def observe(self, record: RequestRecord) -> None:
-        """Count one finished request. A shadow copy adds its tokens, cost (real spend) and
-        estimate flag but not a request or latencies: those describe what clients saw."""
+        """Count one finished request. A shadow copy, or a forced one (`turnout eval`), adds its
+        tokens, cost (real spend) and estimate flag but not a request or latencies: those
+        describe what clients saw."""
         route, variant, upstream = self._labels(record.route, record.variant, record.upstream)
         series = self._series_of(route, variant, upstream)
         usage, latency = record.usage, record.latency
@@ -206,7 +207,7 @@ class Metrics:
         series.prompt_tax.inc(max(record.prompt_tax_usd, 0.0))
         if usage.estimated:
             series.estimated.inc()
-        if record.shadow_of is not None:
+        if record.shadow_of is not None or record.forced:
             return
         self.requests.labels(route, variant, upstream, status_class(record.status)).inc()
         series.duration.observe(latency.total)

@@ -11,7 +11,7 @@ from litestar import Request, Response
 from gateway import body as bodies
 from gateway.auth import check_admin, may_call
 from gateway.context import Receive, context_of
-from gateway.errors import BadRequest, ClientDisconnected, ModelNotFound
+from gateway.errors import BadRequest, ClientDisconnected, Forbidden, ModelNotFound
 from gateway.estimate import prompt_tokens
 from gateway.exchange import Exchange
 from gateway.gateway import Gateway
@@ -37,7 +37,10 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     if forced is None:
         key = await gw.keys.authenticate(request.headers.get("authorization"))
     else:  # only the admin may choose the variant (offline evaluation); it calls as no key
-        check_admin(request.headers.get("authorization"), gw.admin_key)
+        try:
+            check_admin(request.headers.get("authorization"), gw.admin_key)
+        except Forbidden:
+            raise Forbidden(f"`{FORCE_HEADER}` needs the admin key.", param=FORCE_HEADER) from None
         key = None
     receive = cast(Receive, request.receive)
     raw = await bodies.read_limited(

@@ -9,7 +9,11 @@ Conventions:
   client's own 499 are not the variant's fault). A *success* has status < 400.
 - Latency and tokens are over successes; cost is over every record (what was paid per
   request served, failures included).
-- Bootstrap draws use a `random.Random` seeded per (seed, variant, figure): the same records
+- Means and percentiles get percentile-bootstrap intervals up to BOOTSTRAP_MAX_N values;
+  above it, where the central limit theorem holds and a bootstrap would cost O(n x resamples)
+  for the same answer, analytic ones: the normal interval of a mean, order-statistic intervals
+  of a percentile, and differences with the two standard errors added in quadrature.
+  Bootstrap draws use a `random.Random` seeded per (seed, variant, figure): the same records
   give the same report.
 - Differences are `variant - control`; the control is the first variant of the route's split.
 - Feedback (`feedback`: request id -> {metric: value}) is summarised per declared metric of
@@ -17,7 +21,8 @@ Conventions:
   its pairwise difference says `better` in the metric's own direction (`higher_is_better`).
 - Shadows are paired with the primary request they copied (when it is in the records): the
   agreement rate of their answers (router.compare; failed shadow calls counted apart) and the
-  mean latency and cost differences `shadow - primary` on the same requests.
+  mean latency and cost differences `shadow - primary` on the same requests (answered
+  shadows only; what failed shadows cost is given apart).
 - Break-even: the request rate per hour above which the self-hosted fleet (a fixed cost per
   hour) is cheaper than the hosted variant's measured cost per request (prompt tax included).
   Beside it the capacity one replica was seen to sustain, in requests per hour of this route's
@@ -30,8 +35,8 @@ Verdict (per route, documented in the answer as `rule`):
   significantly worse on no declared metric, and whose p95 total latency is at most 20%
   above the control's.
 - "split": no switch yet, but some variant's cost difference is not significant and the
-  sample size needed per arm (to detect a 10% change in mean cost) exceeds what it has:
-  keep the experiment running.
+  sample size needed per arm (to detect the route's `min_effect`, 10% by default, in mean
+  cost) exceeds what it has: keep the experiment running.
 - "keep": otherwise (the control stays).
 A `warning: "too few data"` is added when any variant has fewer than 30 successes.
 """
@@ -46,19 +51,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.gpu_meter import GpuMeter
-from gateway.records import RequestRecord
+from gateway.gpu_meter import FleetFigures
+from gateway.records import RequestRecord, Usage
 from gateway.settings import FeedbackMetric, Route, Variant
 from router.gpu_cost import break_even_rate
 from router.stats import (
     Difference,
     Interval,
     bootstrap,
-    diff_of_means_ci,
     diff_of_proportions_ci,
     diff_of_stats_ci,
     mean,
+    mean_interval,
+    normal_difference,
     percentile,
+    percentile_interval,
     sample_size_for_means,
     wilson,
 )
@@ -66,6 +73,7 @@ from router.stats import (
 MIN_SUCCESSES = 30
 LATENCY_SLACK = 1.20  # a switch may not make p95 latency worse than this ratio
 RESAMPLES = 1000
+BOOTSTRAP_MAX_N = 500  # above this many values, analytic intervals (CLT, order statistics)
 QUANTILES = tuple(range(0, 101, 5))  # the latency distribution drawn by the HTML report
 
 Json = dict[str, Any]
@@ -99,10 +107,12 @@ class _Arm:
     resamples: int
     feedback: Feedback
 
-    def feedback_values(self, metric: str) -> list[float]:
-        """The metric's values posted on this arm's requests (bools as 0/1)."""
-        found = (self.feedback.get(r.request_id, {}).get(metric) for r in self.records)
-        return [float(v) for v in found if v is not None]
+    def feedback_values(self, metric: FeedbackMetric) -> list[float]:
+        """The metric's values posted on this arm's requests (bools as 0/1); values of another
+        type (posted before the metric's type was changed in the config) are left out."""
+        found = (self.feedback.get(r.request_id, {}).get(metric.name) for r in self.records)
+        flag = metric.type == "bool"
+        return [float(v) for v in found if v is not None and isinstance(v, bool) == flag]
 
     @property
     def ok(self) -> list[RequestRecord]:
@@ -123,18 +133,40 @@ class _Arm:
     def rng(self, figure: str) -> random.Random:
         return random.Random(f"{self.seed}:{self.name}:{figure}")
 
-    def boot(self, values: Sequence[float], figure: str, stat: Callable[..., float]) -> Interval:
-        return bootstrap(values, stat, self.rng(figure), self.resamples)
+    def mean_ci(self, values: Sequence[float], figure: str) -> Interval:
+        return _mean_ci(values, self.rng(figure), self.resamples)
+
+    def pct_ci(self, values: Sequence[float], q: float, figure: str) -> Interval:
+        if len(values) > BOOTSTRAP_MAX_N:
+            return percentile_interval(values, q)
+        return bootstrap(values, _p(q), self.rng(figure), self.resamples)
+
+
+def _mean_ci(values: Sequence[float], rng: random.Random, resamples: int) -> Interval:
+    if len(values) > BOOTSTRAP_MAX_N:
+        return mean_interval(values)
+    return bootstrap(values, mean, rng, resamples)
+
+
+def _diff_ci(
+    a: Sequence[float], b: Sequence[float], q: float | None, rng: random.Random, resamples: int
+) -> Difference:
+    """`b - a` of the mean (`q` None) or of the `q`th percentile."""
+    if min(len(a), len(b)) > BOOTSTRAP_MAX_N:
+        if q is None:
+            return normal_difference(mean_interval(a), mean_interval(b))
+        return normal_difference(percentile_interval(a, q), percentile_interval(b, q))
+    return diff_of_stats_ci(a, b, mean if q is None else _p(q), rng, resamples)
 
 
 def _feedback_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
     table: Json = {}
     for metric in metrics:
-        values = arm.feedback_values(metric.name)
+        values = arm.feedback_values(metric)
         if metric.type == "bool":
             value = wilson(int(sum(values)), len(values))
         else:
-            value = arm.boot(values, f"feedback-{metric.name}", mean)
+            value = arm.mean_ci(values, f"feedback-{metric.name}")
         table[metric.name] = {"n": len(values), "mean": _interval(value)}
     return table
 
@@ -142,11 +174,11 @@ def _feedback_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
 def _feedback_pairs(control: _Arm, arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
     pairs: Json = {}
     for metric in metrics:
-        a, b = control.feedback_values(metric.name), arm.feedback_values(metric.name)
+        a, b = control.feedback_values(metric), arm.feedback_values(metric)
         if metric.type == "bool":
             d = diff_of_proportions_ci(int(sum(a)), len(a), int(sum(b)), len(b))
         else:
-            d = diff_of_means_ci(a, b, arm.rng(f"feedback-{metric.name}"), arm.resamples)
+            d = _diff_ci(a, b, None, arm.rng(f"feedback-{metric.name}"), arm.resamples)
         up = d.estimate > 0 if metric.higher_is_better else d.estimate < 0
         pairs[metric.name] = _difference(d) | {"better": d.significant and up}
     return pairs
@@ -159,8 +191,8 @@ def _variant_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
         values = arm.latencies(phase)
         latency[phase] = {
             "n": len(values),
-            "p50": _interval(arm.boot(values, f"{phase}-p50", _p(50))),
-            "p95": _interval(arm.boot(values, f"{phase}-p95", _p(95))),
+            "p50": _interval(arm.pct_ci(values, 50, f"{phase}-p50")),
+            "p95": _interval(arm.pct_ci(values, 95, f"{phase}-p95")),
             "p99": _num(percentile(values, 99)),
             "quantiles": [_num(percentile(values, q)) for q in QUANTILES],
         }
@@ -169,7 +201,7 @@ def _variant_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
         "injected": [float(r.usage.injected) for r in ok],
         "completion": [float(r.usage.completion) for r in ok],
     }
-    cost = arm.boot(arm.costs, "cost", mean)
+    cost = arm.mean_ci(arm.costs, "cost")
     per_1k = Interval(cost.low * 1000, cost.high * 1000, cost.estimate * 1000)
     taxes = [r.prompt_tax_usd for r in arm.records]
     return {
@@ -179,12 +211,11 @@ def _variant_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
         "error_rate": _interval(wilson(arm.errors, len(arm.records))),
         "latency_s": latency,
         "tokens_per_request": {
-            kind: _interval(arm.boot(values, f"tokens-{kind}", mean))
-            for kind, values in kinds.items()
+            kind: _interval(arm.mean_ci(values, f"tokens-{kind}")) for kind, values in kinds.items()
         },
         "cost_per_request_usd": _interval(cost),
         "cost_per_1k_requests_usd": _interval(per_1k),
-        "prompt_tax_per_request_usd": _interval(arm.boot(taxes, "prompt-tax", mean)),
+        "prompt_tax_per_request_usd": _interval(arm.mean_ci(taxes, "prompt-tax")),
         "feedback": _feedback_table(arm, metrics),
     }
 
@@ -198,10 +229,8 @@ def _needed_per_arm(control: _Arm, min_effect: float) -> int | None:
 
 def _pairwise(control: _Arm, arm: _Arm, route: Route) -> Json:
     rng = arm.rng(f"vs-{control.name}")
-    cost = diff_of_means_ci(control.costs, arm.costs, rng, arm.resamples)
-    p50 = diff_of_stats_ci(
-        control.latencies("total"), arm.latencies("total"), _p(50), rng, arm.resamples
-    )
+    cost = _diff_ci(control.costs, arm.costs, None, rng, arm.resamples)
+    p50 = _diff_ci(control.latencies("total"), arm.latencies("total"), 50, rng, arm.resamples)
     errors = diff_of_proportions_ci(
         control.errors, len(control.records), arm.errors, len(arm.records)
     )
@@ -236,7 +265,8 @@ def _shadows(
         compared = [v for v in verdicts if v in ("agree", "disagree")]
         answered = [(p, s) for p, s in pairs if s.status < 400]
         latency = [s.latency.total - p.latency.total for p, s in answered]
-        cost = [s.cost_usd - p.cost_usd for p, s in pairs]
+        cost = [s.cost_usd - p.cost_usd for p, s in answered]
+        failed_cost = math.fsum(s.cost_usd for _, s in pairs if s.status >= 400)
         rng = random.Random(f"{seed}:shadow:{first_variant}:{shadow_variant}")
         found.append(
             {
@@ -245,8 +275,9 @@ def _shadows(
                 "pairs": len(pairs),
                 "shadow_errors": len(pairs) - len(compared),
                 "agreement": _interval(wilson(compared.count("agree"), len(compared))),
-                "latency_delta_s": _interval(bootstrap(latency, mean, rng, RESAMPLES)),
-                "cost_delta_usd": _interval(bootstrap(cost, mean, rng, RESAMPLES)),
+                "latency_delta_s": _interval(_mean_ci(latency, rng, RESAMPLES)),
+                "cost_delta_usd": _interval(_mean_ci(cost, rng, RESAMPLES)),
+                "failed_shadows_cost_usd": failed_cost,
             }
         )
     return found
@@ -255,7 +286,7 @@ def _shadows(
 def _break_even(
     arms: Mapping[str, _Arm],
     variants: Mapping[str, Variant],
-    meters: Mapping[str, GpuMeter],
+    meters: Mapping[str, FleetFigures],
     rate: float | None,
 ) -> list[Json]:
     found: list[Json] = []
@@ -265,12 +296,7 @@ def _break_even(
             continue
         meter = meters[ft.upstream]
         fleet_per_hour = meter.fleet_cost(3600.0)
-        weight = mean(
-            [
-                meter.gpu.prefill_factor * r.usage.prompt + r.usage.completion
-                for r in arms[ft_name].ok
-            ]
-        )
+        weight = mean([_weight(r.usage, meter.gpu.prefill_factor) for r in arms[ft_name].ok])
         peak = meter.capacity()
         per_replica = peak * 3600 / weight if peak > 0 and weight > 0 else None
         fleet_capacity = None if per_replica is None else per_replica * meter.replicas
@@ -299,6 +325,12 @@ def _break_even(
                 }
             )
     return found
+
+
+def _weight(usage: Usage, prefill_factor: float) -> float:
+    """A request's work as the GPU meter weighs it (cached prompt tokens were not computed)."""
+    computed = usage.prompt - min(usage.cached, usage.prompt)
+    return prefill_factor * computed + usage.completion
 
 
 def _verdict(control: _Arm, arms: Mapping[str, _Arm], pairs: Mapping[str, Json]) -> Json:
@@ -353,7 +385,7 @@ def route_report(
     route: Route,
     records: Sequence[RequestRecord],
     variants: Mapping[str, Variant],
-    meters: Mapping[str, GpuMeter],
+    meters: Mapping[str, FleetFigures],
     *,
     since: float | None,
     now: float,
@@ -398,14 +430,14 @@ def build_report(
     routes: Mapping[str, Route],
     records: Sequence[RequestRecord],
     variants: Mapping[str, Variant],
-    meters: Mapping[str, GpuMeter],
+    meters: Mapping[str, FleetFigures],
     *,
     since: float | None,
     now: float | None = None,
     seed: int = 0,
     feedback: Feedback | None = None,
 ) -> Json:
-    """The report of every route in `routes` (pure but for the meters' fleet cost/capacity)."""
+    """The report of every route in `routes` (pure: `meters` are figures taken beforehand)."""
     at = time.time() if now is None else now
     return {
         "generated_at": at,

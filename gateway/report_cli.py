@@ -58,7 +58,8 @@ def from_file(path: Path, settings: Settings, route: str | None, since: float | 
         if route not in routes:
             raise RuntimeError(f"no route `{route}` in the configuration")
         routes = {route: routes[route]}
-    return build_report(routes, records, settings.variants, meters_for(settings), since=since)
+    fleets = {name: meter.figures() for name, meter in meters_for(settings).items()}
+    return build_report(routes, records, settings.variants, fleets, since=since)
 
 
 def render(console: Console, report: Json) -> None:

@@ -45,9 +45,10 @@ in brackets are 95% confidence intervals: the range the true value lies in, give
 requests were seen. A difference is <b>significant</b> when its interval leaves out zero.
 Error rates count failures of the gateway or upstream (HTTP 5xx); latency and tokens are over
 successful requests; cost per request includes failures. <b>Needed per arm</b> is how many
-requests each variant needs to detect a 10% change in mean cost. <b>Break-even</b> is the
-traffic above which a fine-tuned fleet, paid by the hour, costs less than a hosted model
-paid per request. Shadow requests are never counted in the figures above them.</p>
+requests each variant needs to detect the route's minimum effect (10% by default) in mean
+cost. <b>Break-even</b> is the traffic above which a fine-tuned fleet, paid by the hour,
+costs less than a hosted model paid per request. Shadow requests and forced ones (offline
+evaluations) are never counted in the figures above them.</p>
 """
 
 Json = Mapping[str, Any]

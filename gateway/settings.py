@@ -37,7 +37,7 @@ class State(Strict, frozen=True):
     max_tokens_ceiling: PositiveInt = 4096
     # How long a request waits on Redis (a limit, a budget hold, a key or assignment lookup)
     # before the failure policy applies; settling spend off the request path may take longer.
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.1
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
 
 
 class Timeouts(Strict, frozen=True):
@@ -63,18 +63,42 @@ class Gpu(Strict, frozen=True):
     prefill_factor: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.1
 
 
+class Adapter(Strict, frozen=True):
+    """A LoRA adapter: where vLLM finds it, and whether it is loaded when vLLM starts (else
+    only through `POST /turnout/adapters`)."""
+
+    path: str
+    at_start: bool = True
+
+
 class Serve(Strict, frozen=True):
-    """How vLLM is launched for this upstream (acted on by `turnout serving`)."""
+    """How vLLM is launched for this upstream: `turnout serving command|launch` and the Helm
+    chart render the same `vllm serve` arguments from it (serving/vllm_command.py)."""
 
     base_model: str
-    adapters: dict[str, str] = {}
+    # The name the base model is served under (--served-model-name); default: base_model.
+    served_model_name: str | None = None
+    adapters: dict[str, str | Adapter] = {}  # name -> path (or URI), or {path, at_start}
     max_model_len: PositiveInt | None = None
     max_loras: PositiveInt | None = None
     max_lora_rank: PositiveInt | None = None
     dtype: str | None = None
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     tensor_parallel_size: PositiveInt | None = None
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING: adapters may be loaded and unloaded while it runs.
+    runtime_lora_updating: bool = True
+    host: str = "0.0.0.0"  # where vLLM listens; the port is each replica's URL's
     extra_args: list[str] = []
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.base_model
+
+    def adapter_paths(self) -> dict[str, Adapter]:
+        return {
+            name: a if isinstance(a, Adapter) else Adapter(path=a)
+            for name, a in self.adapters.items()
+        }
 
 
 class VllmUpstream(Strict, tag="vllm", tag_field="kind", frozen=True):

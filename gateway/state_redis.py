@@ -225,7 +225,8 @@ class RedisState:
         await self._run(self._settle, keys, args, max(self._deadline_s, DEADLINE_S))
 
     async def totals(self, budget: str) -> tuple[float, float]:
-        spent, reserved = await self._run(self._totals, self._budget_keys(budget), [])
+        keys = self._budget_keys(budget)
+        spent, reserved = await self._run(self._totals, keys, [], max(self._deadline_s, DEADLINE_S))
         return to_usd(spent), to_usd(reserved)
 
     async def aclose(self) -> None:

@@ -175,6 +175,48 @@ def diff_of_proportions_ci(sa: int, na: int, sb: int, nb: int, z: float = 1.96) 
     return Difference(interval.low, interval.high, estimate, _significant(interval))
 
 
+def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Normal-approximation interval of the mean, `mean ± z * sd / sqrt(n)`: for large samples,
+    where the central limit theorem holds and a bootstrap would cost O(n * resamples) for the
+    same answer. Under two values: a NaN or degenerate interval, as `bootstrap`."""
+    z = _z(level)
+    if len(values) < 2:
+        estimate = mean(values)
+        return Interval(estimate, estimate, estimate)
+    estimate = mean(values)
+    spread = math.fsum((v - estimate) ** 2 for v in values) / (len(values) - 1)
+    half = z * math.sqrt(spread / len(values))
+    return Interval(estimate - half, estimate + half, estimate)
+
+
+def percentile_interval(values: Sequence[float], q: float, level: float = 0.95) -> Interval:
+    """Distribution-free interval of the `q`th percentile from order statistics: the ranks
+    `n p ± z sqrt(n p (1 - p))` of the sorted sample (normal approximation to the binomial
+    count of values below the true percentile). One sort, any n; estimate as `percentile`."""
+    z = _z(level)
+    if not values:
+        return Interval(math.nan, math.nan, math.nan)
+    ordered = sorted(values)
+    n, p = len(ordered), q / 100
+    half = z * math.sqrt(n * p * (1 - p))
+    low = min(max(math.floor(n * p - half), 0), n - 1)
+    high = min(max(math.ceil(n * p + half), 0), n - 1)
+    estimate = _sorted_percentile(ordered, q)
+    return Interval(min(ordered[low], estimate), max(ordered[high], estimate), estimate)
+
+
+def normal_difference(a: Interval, b: Interval, level: float = 0.95) -> Difference:
+    """`b - a` for independent estimates whose intervals are (near) normal: the standard
+    errors are read back from the intervals' widths and added in quadrature."""
+    _z(level)
+    estimate = b.estimate - a.estimate
+    if math.isnan(estimate):
+        return Difference(math.nan, math.nan, math.nan, significant=False)
+    half = math.hypot(a.width, b.width) / 2
+    interval = Interval(estimate - half, estimate + half, estimate)
+    return Difference(interval.low, interval.high, estimate, _significant(interval))
+
+
 def _power_z(alpha: float, power: float) -> tuple[float, float]:
     if not 0 < alpha < 1 or not 0 < power < 1:
         raise ValueError("alpha and power must be between 0 and 1")
@@ -213,3 +255,42 @@ def sample_size_for_means(
         raise ValueError("need sd >= 0 and a non-zero effect")
     z_alpha, z_beta = _power_z(alpha, power)
     return _per_arm(2 * (z_alpha + z_beta) ** 2 * sd * sd / (min_effect * min_effect))
+
+
+def diff_of_paired_proportions_ci(
+    both: int, only_a: int, only_b: int, neither: int, z: float = 1.96
+) -> Difference:
+    """Newcombe's score interval (1998, "Improved confidence intervals for the difference
+    between binomial proportions based on paired data", method 10) for `p_b - p_a` when `a`
+    and `b` were observed on the same items: `both` right in both, `only_a` right in `a`
+    only, and so on. The two Wilson intervals of the marginal rates are combined as for
+    independent rates, less twice the correlation `phi` of the pairs (Newcombe's corrected
+    phi: `ad - bc` less `n / 2` when positive, 0 if that goes below 0; 0 when a margin is
+    empty). With no pairs: `(-1, 1)` around NaN, not significant."""
+    cells = (both, only_a, only_b, neither)
+    if any(c < 0 for c in cells):
+        raise ValueError("paired counts must not be negative")
+    n = sum(cells)
+    if n == 0:
+        return Difference(-1.0, 1.0, math.nan, significant=False)
+    wa, wb = wilson(both + only_a, n, z), wilson(both + only_b, n, z)
+    pa, pb = wa.estimate, wb.estimate
+    estimate = (only_b - only_a) / n
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    association = both * neither - only_a * only_b
+    if margins == 0:
+        phi = 0.0
+    elif association > 0:
+        phi = max(association - n / 2, 0.0) / math.sqrt(margins)
+    else:
+        phi = association / math.sqrt(margins)
+    below_b, above_a = pb - wb.low, wa.high - pa
+    above_b, below_a = wb.high - pb, pa - wa.low
+    delta = math.sqrt(max(below_b**2 - 2 * phi * below_b * above_a + above_a**2, 0.0))
+    epsilon = math.sqrt(max(above_b**2 - 2 * phi * above_b * below_a + below_a**2, 0.0))
+    interval = Interval(
+        min(max(estimate - delta, -1.0), estimate),
+        max(min(estimate + epsilon, 1.0), estimate),
+        estimate,
+    )
+    return Difference(interval.low, interval.high, estimate, _significant(interval))

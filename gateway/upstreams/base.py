@@ -38,11 +38,15 @@ class Upstream:
     billed: bool = True
     metrics_urls: list[str] = field(default_factory=list)
     scrape_interval_s: float | None = None
+    # vLLM with a `serve` section: the adapters it names; `held` is what each replica's
+    # /v1/models listed last (None until known), kept by gateway.adapters.ModelWatcher.
+    managed: frozenset[str] = frozenset()
     rand: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
     in_flight: list[int] = field(init=False)
     loads: list[ReplicaLoad | None] = field(init=False)
     load_at: list[float] = field(init=False)
+    held: list[frozenset[str] | None] = field(init=False)
     scraping_since: float | None = field(init=False, default=None)
     _ticks: itertools.count[int] = field(init=False, default_factory=itertools.count)
 
@@ -50,6 +54,7 @@ class Upstream:
         self.in_flight = [0] * len(self.roots)
         self.loads = [None] * len(self.roots)
         self.load_at = [-math.inf] * len(self.roots)
+        self.held = [None] * len(self.roots)
 
     def acquire(self, adapter: str | None = None, *, exclude: Collection[int] = ()) -> int:
         """Choose a replica for a request naming `adapter` and count one more in flight on it.
@@ -58,6 +63,8 @@ class Upstream:
         fresh scraped load: the better of two random candidates by `router.replicas.score`;
         otherwise the one with the fewest requests in flight (ties in turn).
         """
+        if adapter in self.managed:  # never a replica known to be without it
+            exclude = {*exclude, *self.lacking(adapter)}
         candidates = [i for i in range(len(self.roots)) if i not in exclude]
         candidates = candidates or list(range(len(self.roots)))
         fresh = self._fresh_loads(candidates)
@@ -71,6 +78,14 @@ class Upstream:
         index = candidates[chosen]
         self.in_flight[index] += 1
         return index
+
+    def lacking(self, model: str) -> list[int]:
+        """Replicas known (from their /v1/models) not to serve `model` now."""
+        return [i for i, held in enumerate(self.held) if held is not None and model not in held]
+
+    def serves(self, model: str) -> bool:
+        """False only when `model` is a managed adapter that every replica is known to lack."""
+        return model not in self.managed or len(self.lacking(model)) < len(self.roots)
 
     def release(self, index: int) -> None:
         self.in_flight[index] -= 1

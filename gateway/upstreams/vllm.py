@@ -21,4 +21,5 @@ def build(name: str, config: VllmUpstream, environ: Mapping[str, str]) -> Upstre
         billed=False,
         metrics_urls=[url.rstrip("/") + "/metrics" for url in config.urls],
         scrape_interval_s=config.scrape_interval_s if config.scrape_metrics else None,
+        managed=frozenset(config.serve.adapters) if config.serve is not None else frozenset(),
     )

@@ -151,3 +151,53 @@ def test_simulate_serves_an_openai_compatible_upstream() -> None:
 def test_simulate_rejects_unknown_profile() -> None:
     result = _run("simulate", "--profile", "nope")
     assert result.returncode != 0 and "--profile" in result.stdout + result.stderr
+
+
+def test_serving_command_and_launch(tmp_path: Path) -> None:
+    """`serving command` prints the vLLM line; `serving launch` execs it with the secret
+    resolved from the environment (a stand-in interpreter records what it got)."""
+    config = tmp_path / "turnout.yaml"
+    config.write_text(
+        "upstreams:\n"
+        "  gpu:\n"
+        "    kind: vllm\n"
+        "    urls: [http://127.0.0.1:8000, http://127.0.0.1:8001]\n"
+        "    api_key_env: GPU_KEY\n"
+        "    serve: {base_model: /models/base, adapters: {support-lora: /adapters/s}}\n"
+        "variants: {ft: {upstream: gpu, model: support-lora}}\n"
+        "routes: {support: {split: {ft: 1}}}\n"
+    )
+    shown = subprocess.run(
+        [TURNOUT, "serving", "command", "-c", str(config), "--upstream", "gpu", "--replica", "1"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=os.environ | {"GPU_KEY": "k-1"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == (
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_API_KEY=$GPU_KEY vllm serve /models/base "
+        "--host 0.0.0.0 --port 8001 --enable-lora --lora-modules support-lora=/adapters/s"
+    )
+    fake = tmp_path / "python"
+    out = tmp_path / "out.txt"
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" > {out}\n'
+        f'echo "$VLLM_API_KEY $VLLM_ALLOW_RUNTIME_LORA_UPDATING" >> {out}\n'
+    )
+    fake.chmod(0o755)
+    ran = subprocess.run(
+        [TURNOUT, "serving", "launch", "-c", str(config), "--upstream", "gpu",
+         "--python", str(fake)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=os.environ | {"GPU_KEY": "k-1"},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    args, env = out.read_text().splitlines()
+    assert args == (
+        "-m vllm.entrypoints.openai.api_server --model /models/base --host 0.0.0.0 --port 8000 "
+        "--enable-lora --lora-modules support-lora=/adapters/s"
+    )
+    assert env == "k-1 True"
+    assert "k-1" not in ran.stderr  # the line it prints keeps the secret by reference
+    wrong = subprocess.run(
+        [TURNOUT, "serving", "command", "-c", str(config), "--upstream", "nope"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "gpu" in wrong.stderr

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import TurnoutApp
 from tests.fakes import Recorder
@@ -111,4 +112,29 @@ def test_only_the_admin_key_may_force(served: tuple[str, TurnoutApp], recorder: 
         response = _forced(url, "prompted", key=key)
         assert response.status_code == 403
         assert _error(response)["type"] == "permission_error"
+        assert _error(response)["param"] == "x-turnout-variant"
+        assert "admin key" in _error(response)["message"]
     assert recorder.received == []
+
+
+def test_forced_requests_are_spend_not_traffic_in_metrics(served: tuple[str, TurnoutApp]) -> None:
+    """Like shadows: their tokens and cost count, not as requests clients made."""
+    url, _ = served
+
+    def figures() -> tuple[float, float]:
+        text = httpx.get(url + "/metrics").text
+        requests = tokens = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("variant") != "prompted":
+                    continue
+                if sample.name == "turnout_requests_total":
+                    requests += sample.value
+                if sample.name == "turnout_tokens_total":
+                    tokens += sample.value
+        return requests, tokens
+
+    before = figures()
+    assert _forced(url, "prompted").status_code == 200
+    after = figures()
+    assert after[0] == before[0] and after[1] > before[1]

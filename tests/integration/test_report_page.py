@@ -86,6 +86,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
 
 def test_html_format_and_its_errors(served: str, page: httpx.Response) -> None:
     assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["cache-control"] == "no-store"  # admin data
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
     assert page.text.startswith("<!DOCTYPE html>")
     assert f"Route {ROUTE}" in page.text and page.text.count("<svg") == 3
     url = served + "/turnout/report"

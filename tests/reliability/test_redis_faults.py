@@ -43,6 +43,9 @@ def _config(redis_url: str, prefix: str) -> dict[str, Any]:
             "key_prefix": prefix,
             "budget_when_unavailable": "local",
             "local_budget_usd": 100.0,
+            # A request waits on Redis at most this long: it bounds the added latency while
+            # Redis is frozen (the requests in flight when it froze, then one probe a second).
+            "timeout_s": 0.1,
         },
         "upstreams": {"sim": {"kind": "simulated", "ttft_ms": 5, "tokens_per_s": 10000}},
         "variants": {

@@ -186,3 +186,18 @@ def test_to_png_and_its_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "resvg_py", None)
     with pytest.raises(RuntimeError, match=r"turnout\[charts\]"):
         charts.to_png("<svg/>")
+
+
+def test_figures_past_drawable_range_give_a_chart_that_says_so() -> None:
+    """A finite but huge estimate (1.7e308) overflows a coordinate: that chart says so, the
+    others of the route still draw."""
+    route = {
+        "variants": {"a": {"cost_per_1k_requests_usd": {"estimate": 1.7e308, "low": 0.0,
+                                                        "high": 1.7e308}}},
+        "break_even": [],
+        "requests_per_hour": 10.0,
+    }  # fmt: skip
+    drawn = charts.route_charts("r", route)
+    assert "out of drawable range" in drawn["cost-per-1k"]
+    for svg in drawn.values():
+        ET.fromstring(svg)

@@ -18,6 +18,9 @@ from gateway.eval import (
     Outcome,
     ScorerSpec,
     check_examples,
+    error_failure,
+    finite_json,
+    judge_failure,
     judge_messages,
     load_dataset,
     make_scorer,
@@ -33,6 +36,7 @@ from gateway.eval import (
 )
 from gateway.settings import SimulatedUpstream
 from gateway.tokens import TokenCounter
+from router.stats import diff_of_proportions_ci
 from serving.sim_answers import UNSURE, load_answers, token_pieces
 from serving.simulated import SimProfile, create_simulated_app
 
@@ -83,6 +87,25 @@ def test_bad_dataset_lines_are_named_by_number(line: str, message: str) -> None:
     with pytest.raises(DatasetError, match=r"^data line") as caught:
         parse_dataset([first, line], source="data")
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ('{"prompt": "q", "expected": NaN}', "NaN"),
+        ('{"prompt": "q", "expected": {"x": [Infinity]}}', "Infinity"),
+        ('{"prompt": "q", "expected": -Infinity}', "-Infinity"),
+        ('{"prompt": "q", "expected": 1e999}', "1e999"),
+        ('{"prompt": "q", "expected": "a", "params": {"temperature": NaN}}', "NaN"),
+    ],
+)
+def test_non_finite_numbers_are_refused_with_the_line(line: str, name: str) -> None:
+    """Python's json reads NaN and Infinity (and 1e999 as infinity); JSON has none, and the
+    result must stay strict JSON."""
+    json.loads(line)  # accepted by the standard library: the dataset reader must say no
+    with pytest.raises(DatasetError) as caught:
+        parse_dataset(['{"prompt": "q0", "expected": "a"}', line], source="data")
+    assert str(caught.value) == f"data line 2: {name} is not a JSON number (no NaN or infinity)"
 
 
 def test_dataset_file_errors(tmp_path: Path) -> None:
@@ -254,14 +277,20 @@ def outcome(variant: str, correct: bool, **fields: Any) -> Outcome:
 
 def test_summary_figures_checked_by_hand() -> None:
     outcomes = [
-        outcome("a", True, latency_s=1.0, cost_usd=0.001, prompt_tokens=10, completion_tokens=2),
-        outcome("a", True, latency_s=3.0, cost_usd=0.003, prompt_tokens=20, completion_tokens=4),
-        outcome("a", True, latency_s=2.0, cost_usd=0.002, prompt_tokens=30, completion_tokens=6),
-        outcome("a", False, status=502, answer=None, latency_s=9.0, error="502: upstream"),
-        outcome("b", True, latency_s=0.5, cost_usd=0.0),
-        outcome("b", False, latency_s=0.5, cost_usd=0.0),
-        outcome("b", False, status=None, answer=None, latency_s=60.0, error="ReadTimeout"),
-        outcome("b", False, latency_s=0.5, cost_usd=0.0),
+        outcome(
+            "a", True, id="1", latency_s=1, cost_usd=0.001, prompt_tokens=10, completion_tokens=2
+        ),
+        outcome(
+            "a", True, id="2", latency_s=3, cost_usd=0.003, prompt_tokens=20, completion_tokens=4
+        ),
+        outcome(
+            "a", True, id="3", latency_s=2, cost_usd=0.002, prompt_tokens=30, completion_tokens=6
+        ),
+        outcome("a", False, id="4", status=502, answer=None, latency_s=9.0, error="502: upstream"),
+        outcome("b", True, id="1", latency_s=0.5, cost_usd=0.0),
+        outcome("b", False, id="2", latency_s=0.5, cost_usd=0.0),
+        outcome("b", False, id="3", status=None, answer=None, latency_s=60.0, error="ReadTimeout"),
+        outcome("b", False, id="4", latency_s=0.5, cost_usd=0.0),
     ]
     summary = summarise(outcomes, ["a", "b"], resamples=200)
     a, b = summary.variants
@@ -285,19 +314,103 @@ def test_summary_figures_checked_by_hand() -> None:
     assert b.prompt_tokens_per_request is None
     [comparison] = summary.comparisons
     assert (comparison.baseline, comparison.variant) == ("a", "b")
+    assert comparison.method == "paired"
+    # by example: 1 right in both, 2 and 3 right in a only, 4 wrong in both
+    assert (comparison.both, comparison.only_baseline) == (1, 2)
+    assert (comparison.only_variant, comparison.neither, comparison.pairs) == (0, 1, 4)
     assert comparison.difference.estimate == pytest.approx(-0.5)
     assert comparison.difference.low < -0.5 < comparison.difference.high
     assert not comparison.difference.significant  # 4 examples each say little
 
 
 def test_a_large_difference_is_significant() -> None:
-    outcomes = [outcome("a", i < 90) for i in range(100)] + [
-        outcome("b", i < 50) for i in range(100)
+    outcomes = [outcome("a", i < 90, id=str(i)) for i in range(100)] + [
+        outcome("b", i < 50, id=str(i)) for i in range(100)
     ]
     summary = summarise(outcomes, ["a", "b"], resamples=50)
     difference = summary.comparisons[0].difference
     assert difference.estimate == pytest.approx(-0.4)
     assert difference.significant and difference.high < 0
+
+
+def test_the_comparison_is_paired_by_example() -> None:
+    """70 vs 78 of 100, the same 68 right in both: the paired interval sees that the variants
+    mostly agree and finds the difference; treating them as independent samples would not."""
+    right_a = set(range(70))
+    right_b = set(range(68)) | set(range(70, 80))
+    outcomes = [outcome("a", i in right_a, id=f"e{i}") for i in range(100)]
+    outcomes += [outcome("b", i in right_b, id=f"e{i}") for i in reversed(range(100))]
+    [comparison] = summarise(outcomes, ["a", "b"], resamples=10).comparisons
+    assert (comparison.both, comparison.only_baseline, comparison.only_variant) == (68, 2, 10)
+    assert comparison.neither == 20
+    difference = comparison.difference
+    assert difference.estimate == pytest.approx(0.08)
+    assert difference.significant and 0 < difference.low < 0.08 < difference.high
+    independent = diff_of_proportions_ci(70, 100, 78, 100)
+    assert not independent.significant and independent.width > difference.width
+
+
+def test_a_variant_missing_examples_is_compared_on_the_shared_ones() -> None:
+    outcomes = [outcome("a", True, id="1"), outcome("a", False, id="2"), outcome("b", True, id="2")]
+    [comparison] = summarise(outcomes, ["a", "b"], resamples=10).comparisons
+    assert (comparison.pairs, comparison.only_variant) == (1, 1)
+
+
+def test_error_failure_names_the_variants_and_the_commonest_error() -> None:
+    outcomes = [outcome("ok", True, id=str(i)) for i in range(10)]
+    outcomes += [
+        outcome("bad", False, id=str(i), status=502, answer=None, error="502: upstream down")
+        for i in range(6)
+    ]
+    outcomes += [outcome("bad", False, id="6", status=None, answer=None, error="ReadError")]
+    outcomes += [outcome("bad", True, id=str(i)) for i in range(7, 10)]
+    summary = summarise(outcomes, ["ok", "bad"], resamples=10)
+    assert summary.variants[1].error_rate == pytest.approx(0.7)
+    text = error_failure(summary, outcomes, 0.5)
+    assert text == (
+        "too many requests failed (more than --max-error-rate 50% of a variant's): "
+        "bad 7 of 10 (70%); most common error (6x): 502: upstream down"
+    )
+    assert error_failure(summary, outcomes, 0.7) is None  # exceeding, not reaching, fails
+    assert error_failure(summary, outcomes, 1.0) is None
+    all_failed = summarise(outcomes[10:17], ["bad"], resamples=10)
+    assert error_failure(all_failed, outcomes, 0.99) is not None
+
+
+def test_judge_failure_counts_unparsed_and_failed_verdicts() -> None:
+    outcomes = [
+        outcome("v", False, id="1", judge_answer="billing"),
+        outcome("v", False, id="2", judge_answer="bug"),
+        outcome("v", False, id="3", judge_error="500: boom"),
+        outcome("v", True, id="4", judge_answer="Yes", judge_verdict=True),
+        outcome("v", False, id="5", status=500, answer=None, error="500: x"),  # not judged
+    ]
+    summary = summarise(outcomes, ["v"], resamples=10)
+    row = summary.variants[0]
+    assert (row.judged, row.judge_unparsed, row.judge_errors) == (4, 2, 1)
+    text = judge_failure(summary, outcomes, 0.5, "j", "support", "support")
+    assert text is not None
+    assert text.startswith(
+        "the judge `j` gave no verdict for more than --max-error-rate 50% of the answers: "
+        "v 3 of 4 (2 unparsed, 1 failed); it answered e.g. 'billing'; "
+        "most common judge error (1x): 500: boom. The judge is forced on --route `support`"
+    )
+    assert "--judge-route" in text
+    other_route = judge_failure(summary, outcomes, 0.5, "j", "judges", "support")
+    assert other_route is not None and "--judge-route" not in other_route
+    assert judge_failure(summary, outcomes, 0.75, "j", "support", "support") is None
+    unjudged = summarise([outcome("v", True)], ["v"], resamples=10)
+    assert judge_failure(unjudged, [], 0.0, "j", "r", "r") is None
+
+
+def test_finite_json_makes_every_non_finite_number_null() -> None:
+    value = {"a": [1.0, math.nan, {"b": math.inf}], "c": (-math.inf, 2), "d": "NaN", "e": True}
+    assert finite_json(value) == {
+        "a": [1.0, None, {"b": None}],
+        "c": [None, 2],
+        "d": "NaN",
+        "e": True,
+    }
 
 
 def test_result_json_has_rows_and_no_nan() -> None:
@@ -308,17 +421,25 @@ def test_result_json_has_rows_and_no_nan() -> None:
         ),
         outcome("b", True, id="t2", judge_answer="Yes", judge_verdict=True, judge_cost_usd=0.2),
         outcome("b", False, id="t3", judge_answer="Maybe", judge_cost_usd=0.3),
+        outcome("b", False, id="t4", judge_error="500: judge down", latency_s=math.nan),
     ]
     summary = summarise(outcomes, ["a", "b", "c"], resamples=20)
-    result = result_json(summary, outcomes, {"route": "r"})
+    result = result_json(summary, outcomes, {"route": "r", "weird": math.inf})
     text = json.dumps(result, allow_nan=False)  # no NaN anywhere
     assert json.loads(text)["route"] == "r"
     assert result["variants"]["c"]["examples"] == 0
     assert result["variants"]["c"]["accuracy"]["estimate"] is None
     assert result["variants"]["b"]["judge_cost_usd"] == pytest.approx(0.6)
     assert result["variants"]["b"]["judge_unparsed"] == 1
+    assert result["variants"]["b"]["judge_errors"] == 1
+    assert result["variants"]["b"]["judged"] == 3
     assert result["judge_cost_usd"] == pytest.approx(0.6)
     assert [c["variant"] for c in result["comparisons"]] == ["b", "c"]
+    assert [c["method"] for c in result["comparisons"]] == ["paired", "paired"]
+    assert result["comparisons"][0]["pairs"] == 1  # only t1 was sent to both a and b
+    assert result["comparisons"][1]["accuracy_difference"]["estimate"] is None  # c: no pairs
+    assert result["weird"] is None
+    assert result["rows"][4]["latency_s"] is None
     first = result["rows"][0]
     assert list(first)[:3] == ["id", "variant", "status"]
     assert first | {"latency_s": 0} == first | {

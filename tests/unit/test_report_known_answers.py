@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from gateway import report as report_module
 from gateway.gpu_meter import GpuMeter
 from gateway.records import Latency, RequestRecord, Usage
 from gateway.report import build_report, route_report
@@ -46,7 +47,7 @@ def _record(i: int, variant: str, **fields: Any) -> RequestRecord:
 
 
 def _arm(
-    rng: random.Random, variant: str, mean_cost: float, median_s: float
+    rng: random.Random, variant: str, mean_cost: float, median_s: float, n: int = PER_ARM
 ) -> list[RequestRecord]:
     """Costs gamma-distributed (shape 4) with a known mean, latencies log-normal with a known
     median, 2% server errors."""
@@ -58,7 +59,7 @@ def _arm(
             cost_usd=rng.gammavariate(4.0, mean_cost / 4.0),
             latency=Latency(total=rng.lognormvariate(math.log(median_s), LATENCY_SIGMA)),
         )
-        for i in range(PER_ARM)
+        for i in range(n)
     ]
 
 
@@ -134,7 +135,8 @@ def test_break_even_by_hand() -> None:
         "hosted": Variant(upstream="api", model="gpt", price=price),
     }
     records = [
-        _record(i, "ft", usage=Usage(prompt=200, completion=100), cost_usd=0.0001)
+        # 50 of the 250 prompt tokens came from the prefix cache: 200 computed, as metered.
+        _record(i, "ft", usage=Usage(prompt=250, cached=50, completion=100), cost_usd=0.0001)
         for i in range(60)
     ] + [
         _record(
@@ -148,7 +150,7 @@ def test_break_even_by_hand() -> None:
     ]
     route = Route(split={"ft": 60, "hosted": 40})
     report = route_report(
-        "r", route, records, variants, {"gpu": meter}, since=0.0, now=3600.0, resamples=50
+        "r", route, records, variants, {"gpu": meter.figures()}, since=0.0, now=3600.0, resamples=50
     )
     (row,) = report["break_even"]
     assert row["fleet_usd_per_hour"] == pytest.approx(4.98)
@@ -211,7 +213,7 @@ def test_shadow_pairs_only_with_their_own_primary() -> None:
         )
         for i in range(9)
     ]
-    failed = _record(9, "s", request_id="s-9", shadow_of="a-9", status=502,
+    failed = _record(9, "s", request_id="s-9", shadow_of="a-9", status=502, cost_usd=0.0005,
                      comparison={"agreement": "error"})  # fmt: skip
     orphan = _record(0, "s", request_id="s-x", shadow_of="gone")  # its primary is not here
     route = Route(split={"a": 1})
@@ -223,7 +225,9 @@ def test_shadow_pairs_only_with_their_own_primary() -> None:
     assert (row["primary"], row["shadow"], row["pairs"], row["shadow_errors"]) == ("a", "s", 10, 1)
     assert row["agreement"]["estimate"] == pytest.approx(7 / 9)
     assert row["latency_delta_s"]["estimate"] == pytest.approx(0.5)
-    assert row["cost_delta_usd"]["estimate"] == pytest.approx((9 * -0.001 - 0.002) / 10)
+    # Deltas over answered shadows only; what the failed one cost is given apart.
+    assert row["cost_delta_usd"]["estimate"] == pytest.approx(-0.001)
+    assert row["failed_shadows_cost_usd"] == pytest.approx(0.0005)
     assert report["requests"] == 10 and report["shadow_records_excluded"] == 11
 
 
@@ -251,4 +255,56 @@ def test_a_cheaper_variant_with_worse_feedback_is_not_switched_to() -> None:
         return decision
 
     assert verdict({}) == "switch to b"  # cheaper and nothing else known
-    assert verdict({i: {"ok": v} for i, v in resolved.items()}) != "switch to b"
+    rated: dict[str, dict[str, bool | float]] = {i: {"ok": v} for i, v in resolved.items()}
+    assert verdict(rated) in {"keep", "split"}
+    report = route_report(
+        "r", route, records, _variants(a=1, b=1), {}, since=0.0, now=3600.0,
+        resamples=200, feedback=rated,
+    )  # fmt: skip
+    worse = report["pairwise"][0]["feedback"]["ok"]
+    assert worse["significant"] and worse["estimate"] < 0 and not worse["better"]
+
+
+def test_feedback_of_another_type_is_left_out() -> None:
+    """A metric whose type changed in the config: the old values do not count (nor crash)."""
+    records = [_record(i, "a") for i in range(4)]
+    feedback: dict[str, dict[str, bool | float]] = {
+        "a-0": {"ok": True}, "a-1": {"ok": 4.0}, "a-2": {"ok": False}, "a-3": {"ok": 1.0},
+    }  # fmt: skip
+    route = Route(split={"a": 1}, feedback=[FeedbackMetric(name="ok", type="bool")])
+    report = route_report(
+        "r", route, records, _variants(a=1), {}, since=0.0, now=3600.0, feedback=feedback
+    )
+    table = report["variants"]["a"]["feedback"]["ok"]
+    assert table["n"] == 2 and table["mean"]["estimate"] == 0.5
+
+
+def _close(a: dict[str, Any], b: dict[str, Any], share: float) -> bool:
+    """Both ends of interval `a` within `share` of `b`'s width of `b`'s ends."""
+    width = b["high"] - b["low"]
+    return bool(
+        abs(a["low"] - b["low"]) < share * width and abs(a["high"] - b["high"]) < share * width
+    )
+
+
+def test_large_samples_get_analytic_intervals_close_to_the_bootstrap() -> None:
+    """Above BOOTSTRAP_MAX_N values per arm the intervals are analytic; they agree with the
+    bootstrap's (same records, both ways) to within a fraction of their width."""
+    rng = random.Random(5)
+    records = _arm(rng, "a", 0.001, 1.0, 1200) + _arm(rng, "b", 0.0008, 0.8, 1200)
+    route = Route(split={"a": 1, "b": 1})
+    analytic = route_report("r", route, records, _variants(a=1, b=1), {}, since=0.0, now=3600.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "BOOTSTRAP_MAX_N", 10**9)
+        booted = route_report(
+            "r", route, records, _variants(a=1, b=1), {}, since=0.0, now=3600.0, resamples=400
+        )
+    for name in ("a", "b"):
+        a, b = analytic["variants"][name], booted["variants"][name]
+        assert _close(a["cost_per_request_usd"], b["cost_per_request_usd"], 0.15)
+        for q in ("p50", "p95"):
+            assert _close(a["latency_s"]["total"][q], b["latency_s"]["total"][q], 0.35)
+    for key in ("cost_per_request_usd", "latency_p50_total_s"):
+        a, b = analytic["pairwise"][0][key], booted["pairwise"][0][key]
+        assert a["significant"] == b["significant"]
+        assert _close(a, b, 0.25)

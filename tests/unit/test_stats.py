@@ -14,7 +14,10 @@ from router.stats import (
     diff_of_means_ci,
     diff_of_proportions_ci,
     mean,
+    mean_interval,
+    normal_difference,
     percentile,
+    percentile_interval,
     sample_size_for_means,
     sample_size_for_proportions,
     wilson,
@@ -259,3 +262,45 @@ def test_sample_size_for_means_refuses_bad_inputs() -> None:
         sample_size_for_means(1.0, 0.0)
     with pytest.raises(ValueError):
         sample_size_for_means(-1.0, 0.5)
+
+
+def test_mean_interval_is_the_textbook_normal_interval() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, sd sqrt(2.5)
+    interval = mean_interval(values)
+    half = 1.959963984540054 * math.sqrt(2.5 / 5)
+    assert interval.estimate == 3.0
+    assert interval.low == pytest.approx(3 - half) and interval.high == pytest.approx(3 + half)
+    assert math.isnan(mean_interval([]).estimate)
+    assert mean_interval([2.0]) == mean_interval([2.0, 2.0])
+
+
+@pytest.mark.parametrize("q", [5, 50, 95])
+def test_percentile_interval_covers_the_true_percentile(q: float) -> None:
+    """Exponential(1): the true qth percentile is -ln(1 - q/100). Nominal 95% over 200 draws
+    of 600 values: at least 90% must cover it (binomial: fewer is < 1% likely)."""
+    rng = random.Random(q)
+    truth = -math.log(1 - q / 100)
+    covered = sum(
+        percentile_interval([rng.expovariate(1.0) for _ in range(600)], q).contains(truth)
+        for _ in range(200)
+    )
+    assert covered >= 180
+
+
+def test_percentile_interval_edges() -> None:
+    assert math.isnan(percentile_interval([], 50).estimate)
+    one = percentile_interval([3.0], 99)
+    assert (one.low, one.estimate, one.high) == (3.0, 3.0, 3.0)
+    tail = percentile_interval([float(i) for i in range(10)], 100)
+    assert tail.low <= tail.estimate == 9.0 <= tail.high
+
+
+def test_normal_difference_adds_standard_errors_in_quadrature() -> None:
+    a = mean_interval([float(i % 7) for i in range(700)])
+    b = mean_interval([float(i % 7) + 1 for i in range(700)])
+    d = normal_difference(a, b)
+    assert d.estimate == pytest.approx(1.0) and d.significant
+    assert d.width == pytest.approx(math.hypot(a.width, b.width))
+    same = normal_difference(a, a)
+    assert same.estimate == 0 and not same.significant
+    assert not normal_difference(mean_interval([]), a).significant
