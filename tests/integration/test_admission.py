@@ -28,7 +28,10 @@ def store(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     prefix = request.getfixturevalue("prefix")
-    yield {"redis_url": server.url, "key_prefix": prefix}
+    # These tests are about exact decisions under concurrency, not about a slow Redis: a busy
+    # CI machine must not turn a 64-request burst into "Redis is away" (that policy has its
+    # own tests in tests/reliability).
+    yield {"redis_url": server.url, "key_prefix": prefix, "timeout_s": 3.0}
 
 
 def _config(upstreams: Upstreams, state: dict[str, Any], **key: Any) -> dict[str, Any]:

@@ -213,7 +213,13 @@ def test_flapping_upstream_fails_over_and_comes_back() -> None:
                 # The circuit opens after 3 failures; then one half-open probe per cool-down.
                 probes = (time.monotonic() - started) / 0.5 + 1
                 assert served["primary"] - before <= 3 + probes
-                assert httpx.get(url + "/readyz").json()["degraded"]
+                # Right after a request the circuit is open (or its probe just failed and
+                # reopened it); a loaded machine may let a cool-down pass before /readyz.
+                assert any(
+                    _served_by(client, url) == "spare"
+                    and httpx.get(url + "/readyz").json()["degraded"]
+                    for _ in range(5)
+                )
                 state["down"] = False
                 recovered_at = time.monotonic()
                 while _served_by(client, url) != "main":
