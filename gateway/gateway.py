@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from gateway.auth import KeyRing
 from gateway.directory import Directory, MemoryDirectory
 from gateway.directory_redis import RedisDirectory
+from gateway.errors import scrub
 from gateway.gpu_meter import GpuMeter
 from gateway.limits import Limiter
 from gateway.metrics import MULTIPROC_ENV, Metrics
@@ -38,6 +39,7 @@ from router.shaping import shape_chat_messages
 
 log = logging.getLogger("turnout")
 WORKERS_ENV = "TURNOUT_WORKERS"
+TOKENIZE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,27 @@ class Gateway:
         for watcher in self.watchers:
             await watcher.poll_once()  # routable from the first request, not an interval later
             watcher.start()
+        await self._count_injected_on_vllm()
+
+    async def _count_injected_on_vllm(self) -> None:
+        """A prompted variant on vLLM: its injected tokens counted by the model's own tokenizer
+        and chat template (vLLM's /tokenize: the prompt's messages plus a probe, minus the
+        probe alone), not by tiktoken. Kept as estimated when vLLM cannot say."""
+        probe = [{"role": "user", "content": "?"}]
+        for name, v in list(self.variants.items()):
+            if v.upstream.kind != "vllm" or not (v.system or v.examples):
+                continue
+            shaped = shape_chat_messages([], v.system, v.examples) + probe
+            try:
+                async with asyncio.timeout(TOKENIZE_TIMEOUT_S):
+                    with_prompt = await _tokenize(v.upstream, v.config.model, shaped)
+                    alone = await _tokenize(v.upstream, v.config.model, probe)
+            except Exception as exc:  # an older vLLM, a replica down: the estimate stays
+                reason = scrub(str(exc) or type(exc).__name__, v.upstream.secrets)
+                log.info("variant %s: injected tokens stay estimated (%s)", name, reason)
+                continue
+            if with_prompt > alone:
+                self.variants[name] = replace(v, injected_tokens=with_prompt - alone)
 
     async def aclose(self) -> None:
         try:
@@ -250,6 +273,14 @@ class Gateway:
                 await upstream.aclose()
         finally:
             self.metrics.close()
+
+
+async def _tokenize(upstream: Upstream, model: str, messages: list[dict[str, str]]) -> int:
+    root = upstream.roots[0].removesuffix("/v1")
+    body = {"model": model, "messages": messages, "add_generation_prompt": True}
+    response = await upstream.client.post(root + "/tokenize", json=body, headers=upstream.headers)
+    response.raise_for_status()
+    return int(response.json()["count"])
 
 
 def _memory_share(settings: Settings, environ: Mapping[str, str]) -> int:

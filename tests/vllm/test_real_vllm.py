@@ -217,9 +217,14 @@ def test_vllm_runs_the_command_turnout_builds(real_vllm: RealVllm) -> None:
 
 
 def test_split_answers_from_both_variants_with_vllm_usage_recorded(
-    gateway: tuple[str, TurnoutApp], client: openai.OpenAI
+    gateway: tuple[str, TurnoutApp], client: openai.OpenAI, real_vllm: RealVllm
 ) -> None:
     url, _ = gateway
+    # The client's own messages, straight to vLLM: what the prompted variant adds is exactly
+    # the difference (Turnout counts it at start with vLLM's /tokenize, the model's template).
+    direct = {"model": BASE_NAME, "messages": MESSAGES, "max_tokens": 1}
+    own = httpx.post(real_vllm.url + "/v1/chat/completions", json=direct, timeout=60)
+    own_prompt = own.json()["usage"]["prompt_tokens"]
     users = users_by_variant(client)
     assert set(users) == {"ft", "prompted"}
     for variant, user in users.items():
@@ -233,7 +238,7 @@ def test_split_answers_from_both_variants_with_vllm_usage_recorded(
             assert usage["completion"] == answer.completion_tokens == MAX_TOKENS
             assert not usage.get("estimated", False)
             if variant == "prompted":
-                assert 0 < usage["injected"] < usage["prompt"]
+                assert usage["injected"] == answer.prompt_tokens - own_prompt > 0
             else:
                 assert usage.get("injected", 0) == 0
 
