@@ -109,6 +109,9 @@ def serve(
             http="httptools",
             lifespan="on",
             access_log=False,
+            # Turnout reads no client address: X-Forwarded-* from a client is never trusted,
+            # and the middleware that would rewrite the scope per request is not run.
+            proxy_headers=False,
             log_level="info",
             timeout_graceful_shutdown=10,
         )

@@ -134,7 +134,7 @@ def make_client(
     if transport is None:
         transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
         transport._pool._network_backend = AsyncioBackend()  # httpx has no parameter for it
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect, read=timeouts.idle, write=timeouts.idle, pool=timeouts.connect
         ),
@@ -143,3 +143,13 @@ def make_client(
         trust_env=False,
         follow_redirects=False,
     )
+    client._cookies = _NoCookies()  # the setter would wrap it in a plain (storing) jar
+    return client
+
+
+class _NoCookies(httpx.Cookies):
+    """One client serves every caller of an upstream: a cookie an upstream sets must never
+    ride along on another caller's request. Nothing is stored (and nothing is parsed)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
