@@ -23,6 +23,7 @@ from gateway.state import StateUnavailable
 FRESH_S = 0.5  # a cached lookup (found or not) is used without asking the store
 STALE_S = 10.0  # with the store away, a key seen valid this recently still works
 CACHE_SIZE = 10_000  # entries at most; the oldest go first
+ADMIN_KEY_ENV = "TURNOUT_ADMIN_KEY"  # where the CLI looks for the admin key by default
 
 
 class KeyRing:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from router.stats import finite
+
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000")
 DASHES = ("", "8 4", "2 3", "10 3 2 3")
@@ -39,12 +41,6 @@ def _n(value: float) -> str:
     if not math.isfinite(value):
         raise ValueError(f"not a finite coordinate: {value}")
     return f"{value:.1f}".removesuffix(".0")
-
-
-def _finite(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _style(i: int) -> tuple[str, str]:
@@ -228,7 +224,7 @@ def _polyline(points: Sequence[Point], i: int, name: str, width: float = 2.5) ->
 def _quantile_points(values: Sequence[float | None]) -> list[Point]:
     """(value, cumulative share) of evenly spaced quantiles, missing values left out."""
     last = max(len(values) - 1, 1)
-    found = [(v, i / last) for i, raw in enumerate(values) if (v := _finite(raw)) is not None]
+    found = [(v, i / last) for i, raw in enumerate(values) if (v := finite(raw)) is not None]
     return sorted(found)
 
 
@@ -323,7 +319,7 @@ def interval_bars(
     """One horizontal bar per (label, value, low, high), its 95% interval as an error bar and
     the figures written beside it. `unit` titles the value axis; `fmt` (a format string or a
     function) writes the figures."""
-    rows = [(label, _finite(v), _finite(lo), _finite(hi)) for label, v, lo, hi in bars]
+    rows = [(label, finite(v), finite(lo), finite(hi)) for label, v, lo, hi in bars]
     values = [x for _, v, lo, hi in rows for x in (v, lo, hi) if x is not None]
     if not values:
         return _no_data(title)
@@ -413,10 +409,10 @@ class _Fleet:
 def _fleets(entries: Sequence[Mapping[str, Any]]) -> dict[str, _Fleet]:
     fleets: dict[str, _Fleet] = {}
     for e in entries:
-        name, per_hour = str(e.get("fine_tuned", "?")), _finite(e.get("fleet_usd_per_hour"))
+        name, per_hour = str(e.get("fine_tuned", "?")), finite(e.get("fleet_usd_per_hour"))
         if per_hour is None or name in fleets:
             continue
-        capacity = _finite(e.get("capacity_requests_per_hour"))
+        capacity = finite(e.get("capacity_requests_per_hour"))
         replicas = e.get("replicas")
         good = isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 0
         fleets[name] = _Fleet(
@@ -437,7 +433,7 @@ def break_even_chart(
     lines leave through the top)."""
     hosted: dict[str, float] = {}
     for e in entries:
-        cost = _finite(e.get("hosted_cost_per_request_usd"))
+        cost = finite(e.get("hosted_cost_per_request_usd"))
         if cost is not None and cost >= 0:
             hosted.setdefault(str(e.get("hosted", "?")), cost)
     fleets = _fleets(entries)
@@ -446,9 +442,9 @@ def break_even_chart(
     crossings = [
         (str(e.get("fine_tuned", "?")), str(e.get("hosted", "?")), x)
         for e in entries
-        if (x := _finite(e.get("break_even_requests_per_hour"))) is not None and x > 0
+        if (x := finite(e.get("break_even_requests_per_hour"))) is not None and x > 0
     ]
-    now = _finite(current_rate)
+    now = finite(current_rate)
     now = now if now is not None and now > 0 else None
     reach = [x for *_, x in crossings] + ([now] if now else [])
     capacities = [3 * f.capacity for f in fleets.values() if f.capacity]
@@ -471,7 +467,7 @@ def break_even_chart(
         parts.append(_crossing(f, x, fleet.cost(0.0) if fleet else x * hosted.get(hosted_name, 0)))
         legend.append((-1, "dot", f"break-even {ft} vs {hosted_name}: {x:,.0f} req/h"))
     for e in entries:
-        if _finite(e.get("break_even_requests_per_hour")) is None:
+        if finite(e.get("break_even_requests_per_hour")) is None:
             text = f"{e.get('fine_tuned', '?')} vs {e.get('hosted', '?')}: never breaks even"
             legend.append((-1, "dot", text))
     parts += _legend(legend, f.bottom + 66)

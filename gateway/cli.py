@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from gateway.auth import ADMIN_KEY_ENV
 from gateway.config_check import SettingsError, check_file, check_path, load_settings
 from gateway.gateway import WORKERS_ENV
 from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics
@@ -176,9 +177,9 @@ def report(
     ] = None,
     route: Annotated[str | None, typer.Option(help="Only this route.")] = None,
     since: Annotated[float | None, typer.Option(help="Only records from this unix time.")] = None,
-    admin_key_env: Annotated[str, typer.Option(help="Env var holding the admin key.")] = (
-        "TURNOUT_ADMIN_KEY"
-    ),
+    admin_key_env: Annotated[
+        str, typer.Option(help="Env var holding the admin key.")
+    ] = ADMIN_KEY_ENV,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write the report as an HTML page here.")
@@ -245,7 +246,7 @@ def evaluate(
     ] = None,
     admin_key_env: Annotated[
         str, typer.Option(help="Env var holding --base-url's admin key.")
-    ] = "TURNOUT_ADMIN_KEY",
+    ] = ADMIN_KEY_ENV,
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="Run a gateway from this YAML, in this process."),

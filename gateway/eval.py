@@ -35,6 +35,7 @@ from router.stats import (
     Interval,
     bootstrap,
     diff_of_paired_proportions_ci,
+    finite,
     mean,
     percentile,
     wilson,
@@ -599,11 +600,6 @@ def judge_failure(
     return text
 
 
-def _num(value: float | None) -> float | None:
-    """JSON has no NaN or infinity: both become null."""
-    return value if value is not None and math.isfinite(value) else None
-
-
 def finite_json(value: Any) -> Any:
     """`value` with every non-finite float (NaN, infinity), however deep, made null: what
     `json.dumps(..., allow_nan=False)` accepts."""
@@ -616,17 +612,6 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-def interval_json(interval: Interval) -> Json:
-    out: Json = {
-        "estimate": _num(interval.estimate),
-        "low": _num(interval.low),
-        "high": _num(interval.high),
-    }
-    if isinstance(interval, Difference):
-        out["significant"] = interval.significant
-    return out
-
-
 def result_json(summary: Summary, outcomes: Sequence[Outcome], meta: Mapping[str, Any]) -> Json:
     """The JSON result: `meta` (route, scorer, dataset, ...), the per-variant figures, the
     (paired) comparisons with the first variant, the judge's cost and one row per example
@@ -636,16 +621,16 @@ def result_json(summary: Summary, outcomes: Sequence[Outcome], meta: Mapping[str
         variants[row.variant] = {
             "examples": row.examples,
             "correct": row.correct,
-            "accuracy": interval_json(row.accuracy),
+            "accuracy": row.accuracy.as_json(),
             "errors": row.errors,
             "latency_s": {
-                "p50": interval_json(row.latency_p50_s),
-                "p95": interval_json(row.latency_p95_s),
+                "p50": row.latency_p50_s.as_json(),
+                "p95": row.latency_p95_s.as_json(),
             },
             "cost_usd": row.cost_usd,
-            "cost_per_1k_requests_usd": _num(row.cost_per_1k_usd),
-            "prompt_tokens_per_request": _num(row.prompt_tokens_per_request),
-            "completion_tokens_per_request": _num(row.completion_tokens_per_request),
+            "cost_per_1k_requests_usd": finite(row.cost_per_1k_usd),
+            "prompt_tokens_per_request": finite(row.prompt_tokens_per_request),
+            "completion_tokens_per_request": finite(row.completion_tokens_per_request),
             "tokens": row.tokens,
             "judge_cost_usd": row.judge_cost_usd,
             "judged": row.judged,
@@ -657,7 +642,7 @@ def result_json(summary: Summary, outcomes: Sequence[Outcome], meta: Mapping[str
             "baseline": c.baseline,
             "variant": c.variant,
             "method": c.method,
-            "accuracy_difference": interval_json(c.difference),
+            "accuracy_difference": c.difference.as_json(),
             "significant": c.difference.significant,
             "pairs": c.pairs,
             "both_correct": c.both,

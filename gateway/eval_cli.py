@@ -40,6 +40,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gateway.auth import ADMIN_KEY_ENV
 from gateway.eval import (
     DEFAULT_MAX_ERROR_RATE,
     DatasetError,
@@ -62,7 +63,6 @@ from gateway.eval import (
 from gateway.proxy import FORCE_HEADER
 from router.stats import Interval
 
-ADMIN_KEY_ENV = "TURNOUT_ADMIN_KEY"
 EVAL_KEY_ENV = "TURNOUT_EVAL_ADMIN_KEY"  # the in-process gateway's own admin key, if needed
 DEFAULT_OUT = Path("eval-result.json")
 RATE_LIMIT_RETRIES = 5  # a 429 is retried this many times, then counted as an error

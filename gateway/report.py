@@ -61,6 +61,7 @@ from router.stats import (
     bootstrap,
     diff_of_proportions_ci,
     diff_of_stats_ci,
+    finite,
     mean,
     mean_interval,
     normal_difference,
@@ -78,19 +79,6 @@ QUANTILES = tuple(range(0, 101, 5))  # the latency distribution drawn by the HTM
 
 Json = dict[str, Any]
 Feedback = Mapping[str, Mapping[str, bool | float]]  # request id -> metric -> value
-
-
-def _num(value: float) -> float | None:
-    """JSON has no NaN or infinity: both become null."""
-    return value if math.isfinite(value) else None
-
-
-def _interval(i: Interval) -> Json:
-    return {"estimate": _num(i.estimate), "low": _num(i.low), "high": _num(i.high)}
-
-
-def _difference(d: Difference) -> Json:
-    return _interval(d) | {"significant": d.significant}
 
 
 def _p(q: float) -> Callable[[Sequence[float]], float]:
@@ -167,7 +155,7 @@ def _feedback_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
             value = wilson(int(sum(values)), len(values))
         else:
             value = arm.mean_ci(values, f"feedback-{metric.name}")
-        table[metric.name] = {"n": len(values), "mean": _interval(value)}
+        table[metric.name] = {"n": len(values), "mean": value.as_json()}
     return table
 
 
@@ -180,7 +168,7 @@ def _feedback_pairs(control: _Arm, arm: _Arm, metrics: Sequence[FeedbackMetric])
         else:
             d = _diff_ci(a, b, None, arm.rng(f"feedback-{metric.name}"), arm.resamples)
         up = d.estimate > 0 if metric.higher_is_better else d.estimate < 0
-        pairs[metric.name] = _difference(d) | {"better": d.significant and up}
+        pairs[metric.name] = d.as_json() | {"better": d.significant and up}
     return pairs
 
 
@@ -191,10 +179,10 @@ def _variant_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
         values = arm.latencies(phase)
         latency[phase] = {
             "n": len(values),
-            "p50": _interval(arm.pct_ci(values, 50, f"{phase}-p50")),
-            "p95": _interval(arm.pct_ci(values, 95, f"{phase}-p95")),
-            "p99": _num(percentile(values, 99)),
-            "quantiles": [_num(percentile(values, q)) for q in QUANTILES],
+            "p50": arm.pct_ci(values, 50, f"{phase}-p50").as_json(),
+            "p95": arm.pct_ci(values, 95, f"{phase}-p95").as_json(),
+            "p99": finite(percentile(values, 99)),
+            "quantiles": [finite(percentile(values, q)) for q in QUANTILES],
         }
     kinds = {
         "client_prompt": [float(r.usage.prompt - r.usage.injected) for r in ok],
@@ -208,14 +196,14 @@ def _variant_table(arm: _Arm, metrics: Sequence[FeedbackMetric]) -> Json:
         "requests": len(arm.records),
         "successes": len(ok),
         "errors": arm.errors,
-        "error_rate": _interval(wilson(arm.errors, len(arm.records))),
+        "error_rate": wilson(arm.errors, len(arm.records)).as_json(),
         "latency_s": latency,
         "tokens_per_request": {
-            kind: _interval(arm.mean_ci(values, f"tokens-{kind}")) for kind, values in kinds.items()
+            kind: arm.mean_ci(values, f"tokens-{kind}").as_json() for kind, values in kinds.items()
         },
-        "cost_per_request_usd": _interval(cost),
-        "cost_per_1k_requests_usd": _interval(per_1k),
-        "prompt_tax_per_request_usd": _interval(arm.mean_ci(taxes, "prompt-tax")),
+        "cost_per_request_usd": cost.as_json(),
+        "cost_per_1k_requests_usd": per_1k.as_json(),
+        "prompt_tax_per_request_usd": arm.mean_ci(taxes, "prompt-tax").as_json(),
         "feedback": _feedback_table(arm, metrics),
     }
 
@@ -239,9 +227,9 @@ def _pairwise(control: _Arm, arm: _Arm, route: Route) -> Json:
     return {
         "variant": arm.name,
         "control": control.name,
-        "cost_per_request_usd": _difference(cost),
-        "latency_p50_total_s": _difference(p50),
-        "error_rate": _difference(errors),
+        "cost_per_request_usd": cost.as_json(),
+        "latency_p50_total_s": p50.as_json(),
+        "error_rate": errors.as_json(),
         "feedback": _feedback_pairs(control, arm, route.feedback),
         "needed_per_arm": needed,
         "still_needed_per_arm": None if needed is None else max(needed - have, 0),
@@ -274,9 +262,9 @@ def _shadows(
                 "shadow": shadow_variant,
                 "pairs": len(pairs),
                 "shadow_errors": len(pairs) - len(compared),
-                "agreement": _interval(wilson(compared.count("agree"), len(compared))),
-                "latency_delta_s": _interval(_mean_ci(latency, rng, RESAMPLES)),
-                "cost_delta_usd": _interval(_mean_ci(cost, rng, RESAMPLES)),
+                "agreement": wilson(compared.count("agree"), len(compared)).as_json(),
+                "latency_delta_s": _mean_ci(latency, rng, RESAMPLES).as_json(),
+                "cost_delta_usd": _mean_ci(cost, rng, RESAMPLES).as_json(),
                 "failed_shadows_cost_usd": failed_cost,
             }
         )
@@ -312,7 +300,7 @@ def _break_even(
                     "hosted": hosted_name,
                     "fleet_usd_per_hour": fleet_per_hour,
                     "hosted_cost_per_request_usd": hosted_cost,
-                    "break_even_requests_per_hour": _num(crossing),
+                    "break_even_requests_per_hour": finite(crossing),
                     "current_requests_per_hour": rate,
                     "fleet_cheaper_now": None if rate is None else rate > crossing,
                     "replicas": meter.replicas,
@@ -349,7 +337,7 @@ def _verdict(control: _Arm, arms: Mapping[str, _Arm], pairs: Mapping[str, Json])
         )
         fine = not worse_errors and not worse_feedback
         if cheaper and fine and (math.isnan(ratio) or ratio <= LATENCY_SLACK):
-            numbers = {"cost_difference_per_request_usd": cost, "p95_latency_ratio": _num(ratio)}
+            numbers = {"cost_difference_per_request_usd": cost, "p95_latency_ratio": finite(ratio)}
             switch.append((mean(arms[name].costs), name, numbers))
         needed = pair["needed_per_arm"]
         have = min(len(control.records), len(arms[name].records))
@@ -367,7 +355,7 @@ def _verdict(control: _Arm, arms: Mapping[str, _Arm], pairs: Mapping[str, Json])
     else:
         verdict = {
             "decision": "keep",
-            "numbers": {"control_cost_per_request_usd": _num(mean(control.costs))},
+            "numbers": {"control_cost_per_request_usd": finite(mean(control.costs))},
         }
     verdict["rule"] = (
         "switch to the cheapest variant significantly cheaper than the control whose error "

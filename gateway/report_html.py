@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import datetime
 import html
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from gateway.charts import route_charts, usd
+from router.stats import finite
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 NA = '<span class="na">n/a</span>'
@@ -59,12 +59,6 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def pct(value: float, *, signed: bool = False) -> str:
     """A share as a percentage, finer below 1%."""
     sign = "+" if signed and value > 0 else ""
@@ -80,16 +74,16 @@ def seconds(value: float, *, signed: bool = False) -> str:
 
 
 def _fmt(value: object, fmt: Fmt) -> str:
-    number = _num(value)
+    number = finite(value)
     return NA if number is None else _e(fmt(number))
 
 
 def _interval(interval: object, fmt: Fmt) -> str:
     """'estimate [low, high]', or n/a."""
-    if not isinstance(interval, Mapping) or _num(interval.get("estimate")) is None:
+    if not isinstance(interval, Mapping) or finite(interval.get("estimate")) is None:
         return NA
     text = _fmt(interval["estimate"], fmt)
-    low, high = _num(interval.get("low")), _num(interval.get("high"))
+    low, high = finite(interval.get("low")), finite(interval.get("high"))
     if low is None or high is None:
         return text
     return f'{text} <span class="ci">[{_e(fmt(low))}, {_e(fmt(high))}]</span>'
@@ -126,7 +120,7 @@ def _figure(key: str, value: object) -> str:
     if isinstance(value, Mapping) and "estimate" in value:
         fmt: Fmt = _usd_signed if "usd" in key else seconds if key.endswith("_s") else str
         return _difference(value, fmt)
-    number = _num(value)
+    number = finite(value)
     if number is None:
         return NA if value is None else _e(value)
     if "usd" in key:
@@ -190,7 +184,7 @@ def _pairwise(route: Json) -> str:
     rows = []
     for pair in route.get("pairwise") or []:
         needed = _fmt(pair.get("needed_per_arm"), "{:,.0f}".format)
-        still = _num(pair.get("still_needed_per_arm"))
+        still = finite(pair.get("still_needed_per_arm"))
         if still:
             needed += f' <span class="ci">({still:,.0f} more)</span>'
         rows.append([
@@ -231,7 +225,7 @@ def _break_even(route: Json) -> str:
     head += [BREAK_EVEN_OPTIONAL[k][0] for k in extra]
     rows = []
     for e in entries:
-        crossing = _num(e.get("break_even_requests_per_hour"))
+        crossing = finite(e.get("break_even_requests_per_hour"))
         row = [
             _e(e.get("fine_tuned", "?")),
             _e(e.get("hosted", "?")),
@@ -314,7 +308,7 @@ def _route(index: int, name: str, route: Json) -> str:
 
 
 def _when(value: object) -> str:
-    stamp = _num(value)
+    stamp = finite(value)
     if stamp is None:
         return "n/a"
     moment = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
@@ -324,7 +318,7 @@ def _when(value: object) -> str:
 def render_html(report: Mapping[str, Any]) -> str:
     """One HTML5 page with every route of the report: verdict, tables, charts."""
     routes: Mapping[str, Json] = report.get("routes") or {}
-    level = _num(report.get("level"))
+    level = finite(report.get("level"))
     meta = [f"generated {_e(_when(report.get('generated_at')))}"]
     meta.append(f"seed {_e(report.get('seed', 'n/a'))}")
     meta.append(f"intervals at {level:.0%}" if level is not None else "")

@@ -43,10 +43,6 @@ class MetricsScraper(ReplicaPoller):
             self.upstream.scraping_since = self.upstream.clock()
         super().start()
 
-    async def scrape_once(self) -> None:
-        """Scrape every replica once, concurrently."""
-        await self.poll_once()
-
     async def _poll(self, index: int) -> None:
         try:
             async with asyncio.timeout(self.timeout):

@@ -25,6 +25,14 @@ class Interval:
     high: float
     estimate: float
 
+    def as_json(self) -> dict[str, object]:
+        """{estimate, low, high} for JSON, which has no NaN or infinity: those become null."""
+        return {
+            "estimate": finite(self.estimate),
+            "low": finite(self.low),
+            "high": finite(self.high),
+        }
+
     def contains(self, value: float) -> bool:
         return self.low <= value <= self.high
 
@@ -38,6 +46,17 @@ class Difference(Interval):
     """An interval of `b - a`; `significant` when it excludes 0 and the data can say so."""
 
     significant: bool
+
+    def as_json(self) -> dict[str, object]:
+        return super().as_json() | {"significant": self.significant}
+
+
+def finite(value: object) -> float | None:
+    """A finite number as a float; None for NaN, infinity, None, a bool or anything else:
+    what JSON and a drawing can hold."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _z(level: float) -> float:

@@ -184,7 +184,7 @@ async def test_scraper_survives_failures_and_logs_once_per_replica(
         scraper = MetricsScraper(upstream)
         with caplog.at_level(logging.WARNING, logger="turnout"):
             for _ in range(3):
-                await scraper.scrape_once()
+                await scraper.poll_once()
         assert upstream.loads == [None, None]
         messages = sorted(r.getMessage() for r in caplog.records)
         failures = [m for m in messages if "scrape failed" in m]
