@@ -17,7 +17,7 @@ from gateway.errors import (
     UpstreamTimeout,
     scrub,
 )
-from gateway.upstreams import Upstream
+from gateway.upstreams import Upstream, h1
 from router.plan import Failure, Stage, retry_after_seconds
 
 _MAX_ERROR_BODY = 64 * 1024
@@ -47,7 +47,7 @@ class Opened:
 
     upstream: Upstream
     replica: int
-    response: httpx.Response
+    response: h1.Response | httpx.Response
     first_byte_by: float  # monotonic time by which a stream's first event must have come
     closed: bool = False
 
@@ -85,22 +85,9 @@ async def open_call(
         upstream.release(replica)
         raise exc.tagged(Failure.FIRST_BYTE_TIMEOUT, Stage.NOT_SENT, verdict=False) from None
     first_byte_by = time.monotonic() + wait
-    request = upstream.client.build_request(
-        "POST",
-        upstream.url(replica, path),
-        content=payload,
-        headers={**upstream.headers, "content-type": "application/json"},
-        # httpx's read timeout also covers the wait for headers; phases are enforced here.
-        timeout=httpx.Timeout(
-            connect=timeouts.connect,
-            read=max(wait, timeouts.idle),
-            write=timeouts.idle,
-            pool=timeouts.connect,
-        ),
-    )
     try:
         async with asyncio.timeout(wait):
-            response = await upstream.client.send(request, stream=True)
+            response = await upstream.post(replica, path, payload, wait=wait)
     except BaseException as exc:
         upstream.release(replica)
         raise transport_error(exc, upstream) from None
@@ -123,7 +110,7 @@ async def read_body(opened: Opened, deadline: Deadline) -> bytes:
         raise transport_error(exc, opened.upstream) from None
 
 
-async def _read_error_body(response: httpx.Response, deadline: Deadline) -> bytes:
+async def _read_error_body(response: h1.Response | httpx.Response, deadline: Deadline) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
@@ -133,12 +120,12 @@ async def _read_error_body(response: httpx.Response, deadline: Deadline) -> byte
                 size += len(chunk)
                 if size >= _MAX_ERROR_BODY:
                     break
-    except (TimeoutError, httpx.HTTPError):
+    except (TimeoutError, httpx.HTTPError, h1.ConnectionBroken):
         pass
     return b"".join(chunks)
 
 
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, h1.ConnectFailed)
 
 
 def transport_error(exc: BaseException, upstream: Upstream) -> BaseException:
@@ -156,7 +143,7 @@ def transport_error(exc: BaseException, upstream: Upstream) -> BaseException:
             f"The upstream for this model did not answer in time ({_what(exc)})."
         )
         return timeout.tagged(Failure.FIRST_BYTE_TIMEOUT, Stage.MAYBE_ACCEPTED)
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, httpx.HTTPError | h1.ConnectionBroken):
         error = UpstreamError(f"The upstream for this model failed: {_what(exc)}.")
         return error.tagged(Failure.BROKEN, Stage.MAYBE_ACCEPTED)
     return exc
@@ -167,7 +154,7 @@ def _what(exc: BaseException) -> str:
 
 
 def status_error(
-    status: int, body: bytes, headers: httpx.Headers, upstream: Upstream
+    status: int, body: bytes, headers: h1.Headers | httpx.Headers, upstream: Upstream
 ) -> UpstreamError:
     """The one mapping from an upstream's error status to the error the client gets.
 

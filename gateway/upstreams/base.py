@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from gateway.settings import Pool, Timeouts
-from gateway.upstreams.aio_backend import AsyncioBackend
+from gateway.upstreams import h1
 from router.replicas import least_outstanding, pick_two, scores
 from router.vllm_metrics import ReplicaLoad
 
@@ -35,6 +35,9 @@ class Upstream:
     client: httpx.AsyncClient
     timeouts: Timeouts
     headers: dict[str, str] = field(default_factory=dict)
+    # The request path's client (gateway/upstreams/h1.py); None: requests go through `client`
+    # (an in-process upstream). `client` also serves the off-path calls (metrics, models, admin).
+    pool: h1.Pool | None = None
     secrets: tuple[str, ...] = ()
     billed: bool = True
     metrics_urls: list[str] = field(default_factory=list)
@@ -50,8 +53,10 @@ class Upstream:
     held: list[frozenset[str] | None] = field(init=False)
     scraping_since: float | None = field(init=False, default=None)
     _ticks: itertools.count[int] = field(init=False, default_factory=itertools.count)
+    _encoded: bytes = field(init=False, default=b"")
 
     def __post_init__(self) -> None:
+        self._encoded = h1.encode_headers({**self.headers, "content-type": "application/json"})
         self.in_flight = [0] * len(self.roots)
         self.loads = [None] * len(self.roots)
         self.load_at = [-math.inf] * len(self.roots)
@@ -119,21 +124,45 @@ class Upstream:
     def url(self, index: int, path: str) -> str:
         return self.roots[index] + path
 
+    async def post(
+        self, index: int, path: str, payload: bytes, *, wait: float
+    ) -> h1.Response | httpx.Response:
+        """POST JSON to replica `index`; return once the status and headers arrived. The caller
+        bounds the whole wait (`wait` also bounds the connect and httpx's own reads)."""
+        connect = min(self.timeouts.connect, wait)
+        if self.pool is not None:
+            return await self.pool.request(
+                b"POST", self.roots[index] + path, self._encoded, payload, connect_timeout=connect
+            )
+        request = self.client.build_request(
+            "POST",
+            self.roots[index] + path,
+            content=payload,
+            headers={**self.headers, "content-type": "application/json"},
+            timeout=httpx.Timeout(
+                connect=connect, read=max(wait, self.timeouts.idle), write=self.timeouts.idle,
+                pool=connect,
+            ),
+        )  # fmt: skip
+        return await self.client.send(request, stream=True)
+
     async def aclose(self) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
         await self.client.aclose()
+
+
+def make_pool(pool: Pool) -> h1.Pool:
+    return h1.Pool(max_connections=pool.max_connections, max_keepalive=pool.max_keepalive)
 
 
 def make_client(
     timeouts: Timeouts, pool: Pool, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    """An httpx client with explicit pool limits; idle = read timeout between chunks. Without
-    a transport of its own, httpx's over asyncio streams (see aio_backend.py)."""
+    """An httpx client with explicit pool limits; idle = read timeout between chunks."""
     limits = httpx.Limits(
         max_connections=pool.max_connections, max_keepalive_connections=pool.max_keepalive
     )
-    if transport is None:
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-        transport._pool._network_backend = AsyncioBackend()  # httpx has no parameter for it
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect, read=timeouts.idle, write=timeouts.idle, pool=timeouts.connect

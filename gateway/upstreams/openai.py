@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.settings import OpenAIUpstream
-from gateway.upstreams.base import Upstream, make_client
+from gateway.upstreams.base import Upstream, make_client, make_pool
 
 
 def build(name: str, config: OpenAIUpstream, environ: Mapping[str, str]) -> Upstream:
@@ -18,6 +18,7 @@ def build(name: str, config: OpenAIUpstream, environ: Mapping[str, str]) -> Upst
         kind="openai",
         roots=[config.base_url.rstrip("/")],
         client=make_client(config.timeouts, config.pool),
+        pool=make_pool(config.pool),
         timeouts=config.timeouts,
         headers=headers,
         secrets=(secret,) if secret else (),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.settings import VllmUpstream
-from gateway.upstreams.base import Upstream, make_client
+from gateway.upstreams.base import Upstream, make_client, make_pool
 
 
 def build(name: str, config: VllmUpstream, environ: Mapping[str, str]) -> Upstream:
@@ -15,6 +15,7 @@ def build(name: str, config: VllmUpstream, environ: Mapping[str, str]) -> Upstre
         kind="vllm",
         roots=[url.rstrip("/") + "/v1" for url in config.urls],
         client=make_client(config.timeouts, config.pool),
+        pool=make_pool(config.pool),
         timeouts=config.timeouts,
         headers={"authorization": f"Bearer {secret}"} if secret else {},
         secrets=(secret,) if secret else (),
