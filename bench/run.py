@@ -9,11 +9,13 @@ always bench/client.py for streams) share core 1. Every system gets the same lev
   events per second, and whether the relayed bytes equal the upstream's (BENCH_SECONDS / 2);
 - the gateway's peak RSS (VmHWM from /proc, summed over its process tree).
 
-Added latency = the system's p50 - direct p50 at the same level. Results: a table, ratios,
-and bench/results/bench-<timestamp>.json.
+Each system is measured BENCH_RUNS times (default 3) in a row and every figure is the median of
+its runs (each run's figures are kept in the JSON). Added latency = the system's p50 - direct
+p50 at the same level. Results: a table, ratios, and bench/results/bench-<timestamp>.json.
 
-Run: .venv/bin/python -m bench.run [--seconds S] [--systems direct,turnout,...] [--client wrk]
-Env: BENCH_SECONDS, BENCH_SYSTEMS, BENCH_CLIENT (wrk|python), BENCH_CPUS ("0,1"),
+Run: .venv/bin/python -m bench.run [--seconds S] [--runs N] [--systems direct,turnout,...]
+[--client wrk]
+Env: BENCH_SECONDS, BENCH_RUNS, BENCH_SYSTEMS, BENCH_CLIENT (wrk|python), BENCH_CPUS ("0,1"),
 BENCH_PEERS_ENV (default ~/.cache/turnout/bench-peers).
 """
 
@@ -24,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -169,6 +172,29 @@ def measure(
         "peak_rss_mb": None if found is None else round(found.peak_mb, 1),
         "processes": None if found is None else found.processes,
     }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs: numbers are the median of the runs' values, flags hold
+    only if they held in every run, anything else is the first run's."""
+
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, bool):
+            return all(v is True for v in values)
+        if isinstance(first, int | float):
+            numbers = [v for v in values if isinstance(v, int | float)]
+            return statistics.median(numbers) if len(numbers) == len(values) else None
+        if isinstance(first, dict):
+            keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
+            return {k: merge([v.get(k) if isinstance(v, dict) else None for v in values])
+                    for k in keys}  # fmt: skip
+        return first
+
+    merged: dict[str, Any] = merge(runs)
+    merged["runs"] = len(runs)
+    merged["each_run"] = [{k: r[k] for k in ("levels", "stream") if k in r} for r in runs]
+    return merged
 
 
 # ---------------------------------------------------------------- derived numbers and output
@@ -342,6 +368,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "10") or 10)
     )
+    parser.add_argument(
+        "--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "3") or 3), help="median of"
+    )
     parser.add_argument("--systems", default=os.environ.get("BENCH_SYSTEMS", ""))
     parser.add_argument("--client", default=os.environ.get("BENCH_CLIENT", ""))
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: results/)")
@@ -381,7 +410,7 @@ def main() -> int:
     console.print(
         f"systems: {', '.join(names)}; non-streaming load: {client_name}; streams: "
         f"bench/client.py; {args.seconds:g} s per level ({max(1.0, args.seconds / 2):g} s "
-        f"per stream level)"
+        f"per stream level); median of {max(1, args.runs)} run(s) per system"
     )
 
     results: dict[str, dict[str, Any]] = {}
@@ -391,7 +420,12 @@ def main() -> int:
             console.print(f"[bold]{name}[/]")
             try:
                 with started(name, upstream_port, gateway_cpu, work) as running:
-                    result = measure(running, args.seconds, client, load_cpu, reference)
+                    runs = []
+                    for run in range(max(1, args.runs)):
+                        if args.runs > 1:
+                            console.print(f"  run {run + 1} of {args.runs}")
+                        runs.append(measure(running, args.seconds, client, load_cpu, reference))
+                    result = median_of(runs)
             except Unavailable as exc:
                 console.print(f"  [yellow]{name}: not measured: {exc}[/]")
                 results[name] = {"status": "unavailable", "reason": str(exc)}
@@ -415,6 +449,7 @@ def main() -> int:
         "machine": info,
         "settings": {
             "seconds": args.seconds,
+            "runs": max(1, args.runs),
             "stream_seconds": max(1.0, args.seconds / 2),
             "levels": list(LEVELS),
             "stream_levels": list(STREAM_LEVELS),
