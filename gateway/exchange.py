@@ -206,23 +206,30 @@ class Exchange:
         )
 
     async def _until_disconnect(self, work: Awaitable[T]) -> T:
-        """Run `work`, cancelling it (and closing the upstream) if the client goes away first.
+        """Await `work` in this task, cancelling it (and so closing the upstream) if the client
+        goes away first: a watcher task waits for the disconnect and cancels this one. One task
+        per request instead of two and an `asyncio.wait`."""
+        current = asyncio.current_task()
+        assert current is not None
+        gone, waiting = False, True
 
-        The work never outlives this call: if the caller itself is cancelled, so is the work.
-        """
-        task = asyncio.ensure_future(work)
+        def on_watched(watcher: asyncio.Task[None]) -> None:
+            nonlocal gone
+            if waiting and not watcher.cancelled() and watcher.exception() is None:
+                gone = True
+                current.cancel()
+
         watcher = asyncio.ensure_future(self._wait_disconnect())
+        watcher.add_done_callback(on_watched)
         try:
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            return await work
+        except asyncio.CancelledError:
+            if gone and current.uncancel() == 0:  # our own cancel, and no one else's
+                raise ClientDisconnected("The client closed the connection.") from None
+            raise
         finally:
+            waiting = False  # a callback already scheduled must not cancel what follows
             watcher.cancel()
-            if not task.done():
-                task.cancel()
-                with anyio.CancelScope(shield=True):
-                    await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
-            raise ClientDisconnected("The client closed the connection.")
-        return task.result()
 
     async def _wait_disconnect(self) -> None:
         while (await self.receive())["type"] != "http.disconnect":
