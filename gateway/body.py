@@ -55,6 +55,8 @@ def parse(endpoint: str, raw: bytes) -> ClientRequest:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec follows nesting to the interpreter's recursion limit
+        raise BadRequest("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     model = body.get("model")

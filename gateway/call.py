@@ -161,8 +161,11 @@ def status_error(
     An error status means the upstream did not do the work: nothing was accepted.
     """
     if status in (400, 413, 422):
-        message = scrub(_upstream_message(body), upstream.secrets)
-        bad = UpstreamBadRequest(message or f"The upstream rejected the request ({status}).")
+        message, code = _upstream_message(body)
+        bad = UpstreamBadRequest(
+            scrub(message, upstream.secrets) or f"The upstream rejected the request ({status}).",
+            code=code if code in _PASSED_CODES else None,
+        )
         return bad.tagged(Failure.REQUEST, Stage.NOT_SENT)
     if status == 429:
         retry = headers.get("retry-after")
@@ -182,15 +185,22 @@ def status_error(
     return error.tagged(Failure.SERVER, Stage.NOT_SENT)
 
 
-def _upstream_message(body: bytes) -> str:
+# Upstream error codes an app may act on, passed on as they are (any other: our own code).
+_PASSED_CODES = frozenset({"context_length_exceeded", "content_policy_violation", "content_filter"})
+
+
+def _upstream_message(body: bytes) -> tuple[str, str | None]:
+    """The message and code of an OpenAI-shaped (or `{"message": ...}`) error body."""
     try:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError:
-        return ""
-    if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(data.get("message"), str):
-            return str(data["message"])
-    return ""
+        return "", None
+    if not isinstance(data, dict):
+        return "", None
+    error = data.get("error", data)
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        code = error.get("code")
+        return str(error["message"]), code if isinstance(code, str) else None
+    if isinstance(data.get("message"), str):
+        return str(data["message"]), None
+    return "", None

@@ -13,7 +13,7 @@ from rich.markup import escape
 from gateway.auth import ADMIN_KEY_ENV
 from gateway.config_check import SettingsError, check_file, check_path, load_settings
 from gateway.gateway import WORKERS_ENV
-from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics
+from gateway.serve import CONFIG_ENV, configure_logging, shared_metrics, uvicorn_options
 from gateway.settings import Settings
 from serving.vllm_command import Launch, vllm_launch
 
@@ -107,7 +107,6 @@ def serve(
             port=settings.server.port if port is None else port,
             workers=workers,
             loop="uvloop",
-            http="httptools",
             lifespan="on",
             access_log=False,
             # Turnout reads no client address: X-Forwarded-* from a client is never trusted,
@@ -115,6 +114,7 @@ def serve(
             proxy_headers=False,
             log_level="info",
             timeout_graceful_shutdown=10,
+            **uvicorn_options(settings.server),  # httptools guarded: header/write deadlines
         )
 
 

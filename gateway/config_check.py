@@ -122,6 +122,7 @@ def check_settings(
     problems += _check_routes(parts)
     problems += _check_keys(parts)
     problems += _check_urls(parts)
+    problems += _check_bounds(parts)
     problems += _check_secrets(parts, environ, strict)
     if any(problem.severity == "error" for problem in problems):
         return None, problems
@@ -219,7 +220,7 @@ def _convert(raw: object, type_: Any, path: str, problems: list[Problem]) -> Any
 
 def _convert_sections(raw: dict[Any, Any], problems: list[Problem]) -> _Parts:
     fields = set(Settings.__struct_fields__)
-    problems += [Problem(str(k), "unknown top-level key") for k in raw if k not in fields]
+    problems += [Problem(str(k) or '""', "unknown top-level key") for k in raw if k not in fields]
     parts = _Parts()
     parts.upstreams, parts.names["upstreams"] = _convert_entries(
         raw, "upstreams", Upstream, problems
@@ -456,6 +457,34 @@ def _url_problems(path: str, url: str, *, server_root: bool = False) -> Iterator
         yield Problem(path, "must not have a query string, fragment or whitespace")
     if server_root and parts.path.rstrip("/").endswith("/v1"):
         yield Problem(path, "a vLLM URL is the server root: Turnout adds /v1/...", "warning")
+
+
+def _check_bounds(parts: _Parts) -> Iterator[Problem]:
+    """Request bounds that cannot work as written: a vLLM upstream allowing more tokens than
+    its context holds, or schemas larger than any request body the server accepts."""
+    body_limit = parts.server.max_body_bytes
+    for name, upstream in parts.upstreams.items():
+        bounds, path = upstream.bounds, f"upstreams.{name}.bounds"
+        model_len = (
+            upstream.serve.max_model_len
+            if isinstance(upstream, VllmUpstream) and upstream.serve is not None
+            else None
+        )
+        tokens = bounds.max_tokens
+        if model_len is not None and tokens is not None and tokens > model_len:
+            yield Problem(
+                f"{path}.max_tokens",
+                f"{tokens} is more than serve.max_model_len ({model_len}): vLLM "
+                "would refuse such requests",
+                "warning",
+            )
+        if bounds.max_schema_bytes > body_limit:
+            yield Problem(
+                f"{path}.max_schema_bytes",
+                f"{bounds.max_schema_bytes} is more than server.max_body_bytes ({body_limit}): "
+                "the body limit bites first",
+                "warning",
+            )
 
 
 def _check_secrets(parts: _Parts, environ: Mapping[str, str], strict: bool) -> Iterator[Problem]:

@@ -56,6 +56,18 @@ def client_request_id(scope: Scope) -> str | None:
     return None
 
 
+def one_authorization(scope: Scope) -> None:
+    """Several Authorization headers become one, their values joined by ", " (as HTTP allows
+    for list fields; Authorization is none, so the result is no valid credential): a request
+    whose credentials are ambiguous gets 401/403, never whichever header a reader takes first
+    (a proxy in front may check a different one)."""
+    headers = scope.get("headers", ())
+    values = [value for name, value in headers if name == b"authorization"]
+    if len(values) > 1:
+        kept = [(name, value) for name, value in headers if name != b"authorization"]
+        scope["headers"] = [*kept, (b"authorization", b", ".join(values))]
+
+
 def _new_id() -> str:
     return "req_" + os.urandom(16).hex()  # as unique as uuid4().hex, without the UUID object
 
@@ -69,6 +81,7 @@ def with_request_context(app: Any) -> ASGIApp:
             return
         ctx = RequestContext(request_id=client_request_id(scope) or _new_id())
         scope[SCOPE_KEY] = ctx
+        one_authorization(scope)
 
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":

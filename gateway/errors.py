@@ -7,9 +7,12 @@ TurnoutError                       (status, type, code; message safe to show)
 ├── ModelNotFound         404      invalid_request_error / model_not_found
 ├── NotFound              404      invalid_request_error / not_found
 ├── MethodNotAllowed      405      invalid_request_error / method_not_allowed
+├── RequestTimeout        408      invalid_request_error / request_timeout
 ├── PayloadTooLarge       413      invalid_request_error / request_too_large
+├── HeadersTooLarge       431      invalid_request_error / request_header_fields_too_large
 ├── RateLimited           429      rate_limit_error (optional Retry-After)
 ├── ServiceUnavailable    503      server_error / state_unavailable
+│   └── Overloaded        503      server_error / overloaded
 ├── ClientDisconnected    499      (never sent: the client has gone)
 └── UpstreamError         502/504  upstream failures, made once at the adapter
     ├── UpstreamRejected  502      upstream refused Turnout's credentials or config
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
@@ -105,10 +109,36 @@ class MethodNotAllowed(TurnoutError):
     code = "method_not_allowed"
 
 
-class PayloadTooLarge(TurnoutError):
+class _Closing(TurnoutError):
+    """Answered with `connection: close`: the rest of the request is never read, so the
+    connection cannot carry another one (and a client still sending is stopped)."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers = {"connection": "close", **self.headers}
+
+
+class RequestTimeout(_Closing):
+    """The request did not arrive in time (server.header_timeout_s, server.receive_timeout_s)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class PayloadTooLarge(_Closing):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(_Closing):
+    """The request line and headers passed server.max_header_bytes (sent by the connection
+    guard in gateway.serve, before the app sees the request)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class RateLimited(TurnoutError):
@@ -125,11 +155,24 @@ class ServiceUnavailable(TurnoutError):
     code = "state_unavailable"
 
 
+class Overloaded(ServiceUnavailable):
+    """More API calls in flight than `server.max_in_flight`: refused at once, Retry-After."""
+
+    code = "overloaded"
+
+
 class ClientDisconnected(TurnoutError):
     """The client went away; recorded as 499, never rendered."""
 
     status = 499
     type = "client_disconnected"
+
+
+class ConnectionGone(OSError):
+    """Raised by `send` once the client's connection is closed (as ASGI 2.4 asks of servers;
+    uvicorn's httptools protocol drops the message silently, so a stream whose upstream has
+    data ready would be relayed into the void at full speed). Raised by gateway.serve's
+    connection guard, swallowed by the app (there is no one left to answer)."""
 
 
 class UpstreamError(TurnoutError):
@@ -185,13 +228,36 @@ _KEYLIKE = re.compile(r"\b(sk|key|tok|api)[-_][A-Za-z0-9._\-]{8,}\b")
 _MAX_MESSAGE = 1000
 
 
+_PIECE = 8  # a run this long of a secret is redacted too: a masked or cut key still leaks
+
+
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     """Remove secrets, bearer tokens and key-like strings from text meant for a client."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
+    text = redact(text[: 4 * _MAX_MESSAGE], secrets)  # bounded work; cut again below
     text = _BEARER.sub(r"\1[redacted]", text)
     text = _KEYLIKE.sub("[redacted]", text)
     if len(text) > _MAX_MESSAGE:
         text = text[:_MAX_MESSAGE] + "…"
+    return text
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret, and every run of 8 or more characters of one (a key shown
+    masked, `sk-proj-****…abcd`, or cut short), replaced by `[redacted]`."""
+    for secret in secrets:
+        if not secret:
+            continue
+        text = text.replace(secret, "[redacted]")
+        pieces = {secret[i : i + _PIECE] for i in range(len(secret) - _PIECE + 1)}
+        if not any(piece in text for piece in pieces):
+            continue
+        spans: list[list[int]] = []  # [start, end) of runs made of pieces, merged
+        for start in range(len(text) - _PIECE + 1):
+            if text[start : start + _PIECE] in pieces:
+                if spans and start <= spans[-1][1]:
+                    spans[-1][1] = start + _PIECE
+                else:
+                    spans.append([start, start + _PIECE])
+        for start, end in reversed(spans):
+            text = text[:start] + "[redacted]" + text[end:]
     return text

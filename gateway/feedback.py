@@ -8,6 +8,9 @@ memory (the newest `capacity` requests), or with Redis in a hash `{prefix}feedba
 
 Who may post: the key that made the request, or the admin key (anyone on an open gateway).
 Another key gets 404, as for an unknown request, so request ids do not leak between keys.
+Each entry keeps the key its request belongs to (`owner`): a request id a client chose
+(`x-request-id`) may be chosen again by another key, whose request then answers to the id;
+the notes made on the first key's request are neither shown to it nor replaced by it (404).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
     value: bool | float
     at: float  # unix seconds when posted
     comment: str | None = None
+    owner: str | None = None  # the name of the key whose request it is on (never shown)
 
 
 _decode_entry = msgspec.json.Decoder(Entry).decode
@@ -111,9 +115,14 @@ class FeedbackStore:
         return values
 
     async def put(
-        self, request_id: str, metric: str, value: bool | float, comment: str | None
+        self,
+        request_id: str,
+        metric: str,
+        value: bool | float,
+        comment: str | None,
+        owner: str | None = None,
     ) -> None:
-        entry = Entry(value=value, at=time.time(), comment=comment)
+        entry = Entry(value=value, at=time.time(), comment=comment, owner=owner)
         if self._redis is None:
             self._memory.setdefault(request_id, {})[metric] = entry
             self._memory.move_to_end(request_id)
@@ -156,7 +165,10 @@ async def post_feedback(gw: Gateway, authorization: str | None, raw: bytes) -> d
         raise NotFound(f"No record for request `{body.request_id}`.", param="request_id")
     _check_value(gw, record, body)
     store = store_of(gw)
-    await store.put(body.request_id, body.metric, body.value, body.comment)
+    if any(entry.owner != record.key for entry in (await store.get(body.request_id)).values()):
+        # Notes on another key's request that had the same id: not this caller's to see.
+        raise NotFound(f"No record for request `{body.request_id}`.", param="request_id")
+    await store.put(body.request_id, body.metric, body.value, body.comment, record.key)
     return {"request_id": body.request_id, "feedback": _builtins(await store.get(body.request_id))}
 
 
@@ -169,7 +181,8 @@ async def feedback_of(gw: Gateway, record: RequestRecord) -> dict[str, Any]:
     if route is None or not route.feedback:
         return {}
     try:
-        return _builtins(await store_of(gw).get(record.request_id))
+        notes = await store_of(gw).get(record.request_id)
+        return _builtins({name: e for name, e in notes.items() if e.owner == record.key})
     except ServiceUnavailable:
         log.warning("feedback: Redis read failed; record %s shown without it", record.request_id)
         return {}
@@ -194,7 +207,8 @@ async def for_report(
 
 
 def _builtins(feedback: dict[str, Entry]) -> dict[str, Any]:
-    return {name: msgspec.to_builtins(entry) for name, entry in sorted(feedback.items())}
+    shown = ((name, msgspec.structs.replace(e, owner=None)) for name, e in feedback.items())
+    return {name: msgspec.to_builtins(entry) for name, entry in sorted(shown)}
 
 
 def _is_admin(authorization: str | None, admin_key: str | None) -> bool:

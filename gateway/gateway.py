@@ -23,6 +23,7 @@ from gateway.gpu_meter import GpuMeter
 from gateway.limits import Limiter
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.model_watcher import ModelWatcher
+from gateway.overload import LoadShedder
 from gateway.record_store import RecordKeeper, connect_redis, open_record_store
 from gateway.records import RequestRecord, Usage, token_cost
 from gateway.rules_config import rules_from_settings
@@ -97,6 +98,7 @@ class Gateway:
         self.limiter.on_fallback = self.metrics.state_fallback
         self.keys.on_fallback = self.metrics.state_fallback
         self.background: set[asyncio.Task[None]] = set()
+        self.shedder = LoadShedder(settings.server.max_in_flight)  # app.py puts it in front
         self.redis_down = False
         self._redis_checked = -math.inf
         self.rules = {name: rules_from_settings(route) for name, route in settings.routes.items()}

@@ -10,7 +10,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from gateway import adapters, admin, feedback
+from gateway import adapters, admin, feedback, openapi
 from gateway import body as bodies
 from gateway import report as reports
 from gateway.auth import check_admin, may_call
@@ -161,17 +161,29 @@ async def unload_adapter(
     return await adapters.unload(gw, upstream, name)
 
 
-@get("/healthz")
+@get(["/healthz", "/livez"])
 async def healthz() -> dict[str, str]:
+    """Alive: the process answers (also while it sheds load)."""
     return {"status": "ok"}
 
 
 @get("/readyz")
 async def readyz(gw: GatewayDep) -> Response[dict[str, Any]]:
+    """Ready (200), naming degraded parts; 503 `overloaded` while API calls are being refused
+    for lack of room (server.max_in_flight), so a load balancer sends new work elsewhere."""
     await gw.check_redis()
     degraded = gw.degraded()
+    if gw.shedder.overloaded():
+        body = {"status": "overloaded", "degraded": degraded, "in_flight": gw.shedder.in_flight}
+        return Response(body, status_code=503)
     status = "degraded" if degraded else "ready"
     return Response({"status": status, "degraded": degraded}, status_code=200)
+
+
+@get("/openapi.json")
+async def openapi_document() -> Response[bytes]:
+    """This API described in OpenAPI 3.1 (gateway/openapi.py)."""
+    return Response(openapi.ENCODED, media_type="application/json")
 
 
 @get("/metrics")
@@ -185,5 +197,5 @@ async def metrics(gw: GatewayDep) -> Response[bytes]:
 ROUTES = [
     *(chat_completions, completions, embeddings, models, request_record, post_feedback),
     *(report, create_key, list_keys, disable_key, assign, unassign, load_adapter, unload_adapter),
-    *(healthz, readyz, metrics),
+    *(healthz, readyz, metrics, openapi_document),
 ]

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
+import msgspec
 from litestar import Request, Response
 
 from gateway import body as bodies
@@ -16,8 +17,10 @@ from gateway.estimate import prompt_tokens
 from gateway.exchange import Exchange
 from gateway.gateway import Gateway
 from gateway.rules_config import request_facts
-from gateway.settings import Route
+from gateway.settings import DEFAULT_MAX_TOKENS, Route, Settings, VllmUpstream
+from gateway.settings import Upstream as UpstreamConfig
 from gateway.state import StateUnavailable
+from router.bounds import RequestBounds, tightest, violation
 from router.plan import attempt_plan
 from router.rules import first_match
 from router.selection import choose_variant, sticky_subject
@@ -53,6 +56,7 @@ async def proxy(gw: Gateway, request: Request[Any, Any, Any], endpoint: str) -> 
     if route is None or not may_call(key, client.model):
         raise ModelNotFound(client.model)
     ctx.route = client.model
+    check_bounds(gw, client.model, route, client.body)
     if forced is None:
         name = await choose(gw, route, client, key.name if key else None, request.headers)
         attempts = plan(gw, route, name)
@@ -129,6 +133,39 @@ def route_variants(route: Route) -> set[str]:
     for rule in route.rules:
         names.update([rule.variant] if rule.variant is not None else rule.split or ())
     return names
+
+
+# Each route's bounds, per settings object (held, so its id is never reused while cached).
+_BOUNDS: dict[tuple[int, str], tuple[Settings, RequestBounds]] = {}
+
+
+def check_bounds(gw: Gateway, name: str, route: Route, body: Mapping[str, Any]) -> None:
+    """400 naming the parameter when the request asks more than the route allows (`n`,
+    `max_tokens`, logprobs, structured-output schemas: see settings.Bounds)."""
+    key = (id(gw.settings), name)
+    cached = _BOUNDS.get(key)
+    if cached is None or cached[0] is not gw.settings:
+        cached = _BOUNDS[key] = (gw.settings, route_bounds(gw, route))
+    problem = violation(body, cached[1])
+    if problem is not None:
+        raise BadRequest(problem.message, param=problem.param, code=problem.code)
+
+
+def route_bounds(gw: Gateway, route: Route) -> RequestBounds:
+    """The tightest bounds of the upstreams of every variant `route` may call (shadow too)."""
+    upstreams = {gw.settings.variants[v].upstream for v in route_variants(route)}
+    return tightest(upstream_bounds(gw.settings.upstreams[u]) for u in sorted(upstreams))
+
+
+def upstream_bounds(upstream: UpstreamConfig) -> RequestBounds:
+    """An upstream's bounds; unset `max_tokens`: the default, or a vLLM upstream's context
+    length (serve.max_model_len) if smaller, as no request asking more can be served."""
+    bounds = msgspec.structs.asdict(upstream.bounds)
+    if bounds["max_tokens"] is None:
+        serve = upstream.serve if isinstance(upstream, VllmUpstream) else None
+        model_len = serve.max_model_len if serve is not None else None
+        bounds["max_tokens"] = min(DEFAULT_MAX_TOKENS, model_len or DEFAULT_MAX_TOKENS)
+    return RequestBounds(**bounds)
 
 
 def plan(gw: Gateway, route: Route, chosen: str) -> list[str]:

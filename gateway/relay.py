@@ -11,7 +11,7 @@ import anyio
 import msgspec
 
 from gateway.call import Deadline, Opened, transport_error
-from gateway.errors import TurnoutError, UpstreamError, scrub
+from gateway.errors import TurnoutError, UpstreamError, redact, scrub
 from gateway.records import Usage, usage_from
 from gateway.sse import DONE, event_data, iter_events
 from router.plan import Failure, Stage
@@ -115,6 +115,9 @@ class StreamRelay:
             return event
         if not data:
             return event
+        if _ERROR_MARK in data and self.opened.upstream.secrets:  # it may echo Turnout's key
+            event = _redacted(event, self.opened.upstream.secrets)
+            data = event_data(event)
         if _USAGE_MARK in data and (found := self._usage_of(data)) is not None:
             self.usage, chunk = found
             if chunk.get("choices") == []:
@@ -148,6 +151,8 @@ class StreamRelay:
             await self.opened.aclose()
         if not self._finished:
             self._finished = True
+            if not self.done and self.error is None:  # stopped while paused at a yield
+                self.client_gone = True
             self._on_finish(self)
 
     async def _drain(self) -> None:
@@ -172,6 +177,12 @@ def _raise_if_error(data: bytes, secrets: tuple[str, ...]) -> None:
         detail = scrub(message, secrets) if isinstance(message, str) else "no message"
         failed = UpstreamError(f"The upstream reported an error: {detail}")
         raise failed.tagged(Failure.SERVER, Stage.MAYBE_ACCEPTED)
+
+
+def _redacted(event: bytes, secrets: tuple[str, ...]) -> bytes:
+    text = event.decode("utf-8", "replace")
+    clean = redact(text, secrets)
+    return event if clean == text else clean.encode()
 
 
 def _error_json(error: TurnoutError) -> bytes:

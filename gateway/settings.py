@@ -17,9 +17,46 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 
 
 class Server(Strict, frozen=True):
+    """Where Turnout listens, and what a client connection may cost it (gateway/serve.py)."""
+
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
-    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024  # larger: 413, the rest never read
+    # The request line and headers together; larger: 431 and the connection closed.
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    # A request's head must arrive within header_timeout_s of its first byte (or of the
+    # connection opening); its body within receive_timeout_s of the head: else 408, closed.
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    receive_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # A response the client does not read for this long (the socket's buffers full): the
+    # connection is closed and the upstream call cancelled, as if the client had left.
+    write_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    keep_alive_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0  # idle between requests
+    # API calls (POST /v1/…, streams until their end) one process serves at once; more are
+    # refused at once with 503 `overloaded` and Retry-After (gateway/overload.py). None: no cap.
+    max_in_flight: PositiveInt | None = None
+
+
+DEFAULT_MAX_TOKENS = 32_768
+
+
+class Bounds(Strict, frozen=True):
+    """What one request may ask of an upstream: Turnout answers 400 (naming the parameter)
+    instead of forwarding a request that would tie up a vLLM server (huge `n`, `max_tokens`,
+    logprobs over the vocabulary, a structured-output schema that takes minutes to compile).
+    A route enforces the tightest bounds of the upstreams it may send a request to, so every
+    arm of an A/B test takes the same requests."""
+
+    max_n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 8  # `n` and `best_of`
+    # `max_tokens`, `max_completion_tokens` and vLLM's `min_tokens`. Unset: DEFAULT_MAX_TOKENS,
+    # or a vLLM upstream's serve.max_model_len if that is smaller.
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] | None = None
+    # `top_logprobs`, an integer `logprobs` (completions) and vLLM's `prompt_logprobs`.
+    max_logprobs: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 20
+    # Structured-output constraints (`response_format`, vLLM's `guided_*` and
+    # `structured_outputs`), each as JSON: its size in bytes and its nesting depth.
+    max_schema_bytes: Annotated[int, msgspec.Meta(ge=64, le=16 * 1024 * 1024)] = 64 * 1024
+    max_schema_depth: Annotated[int, msgspec.Meta(ge=2, le=256)] = 32
 
 
 class State(Strict, frozen=True):
@@ -108,6 +145,7 @@ class VllmUpstream(Strict, tag="vllm", tag_field="kind", frozen=True):
     serve: Serve | None = None
     timeouts: Timeouts = Timeouts()
     pool: Pool = Pool()
+    bounds: Bounds = Bounds()
     # Poll each replica's /metrics (queue, KV cache, resident LoRA adapters) for replica choice.
     scrape_metrics: bool = False
     scrape_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
@@ -119,6 +157,7 @@ class OpenAIUpstream(Strict, tag="openai", tag_field="kind", frozen=True):
     headers: dict[str, str] = {}
     timeouts: Timeouts = Timeouts()
     pool: Pool = Pool()
+    bounds: Bounds = Bounds()
 
 
 class SimulatedUpstream(Strict, tag="simulated", tag_field="kind", frozen=True):
@@ -132,6 +171,7 @@ class SimulatedUpstream(Strict, tag="simulated", tag_field="kind", frozen=True):
     gpu: Gpu | None = None
     timeouts: Timeouts = Timeouts()
     pool: Pool = Pool()
+    bounds: Bounds = Bounds()
     # A task it knows (for `turnout eval` demos and tests): a JSON-lines file in the eval
     # dataset format, relative to the config file's directory; and per served model the share
     # of its questions answered right, 0..1 (a model not listed: all of them).

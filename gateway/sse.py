@@ -26,11 +26,15 @@ class EventSplitter:
         return events
 
     def flush(self) -> bytes | None:
-        """What is left at EOF: a last event the upstream did not terminate, completed."""
+        """What is left at EOF: a last event the upstream did not terminate, completed with
+        as few bytes as make it one event (a last line's own line end is not doubled)."""
         rest, self._buffer = self._buffer, b""
         if not rest.strip():
             return None
-        return rest + (b"\r\n\r\n" if rest.endswith(b"\r\n") else b"\n\n")
+        for line_end in (b"\r\n", b"\n", b"\r"):
+            if rest.endswith(line_end):
+                return rest + line_end
+        return rest + b"\n\n"
 
 
 def event_data(event: bytes) -> bytes:

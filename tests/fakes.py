@@ -41,7 +41,17 @@ MODELS = (
     "detailed-usage",
     "stream-empty",
     "judge",
+    *("once-500", "once-429", "once-429-bare", "stream-no-done", "picky"),
 )
+# `once-*`: the first request for a (model, `user`) pair fails, later ones are answered; a test
+# sends a `user` of its own. `picky` refuses like a real provider: messages (about 4 characters
+# a token) plus max_tokens over its context, or a message with FORBIDDEN against its content
+# policy; 400 with OpenAI's codes and messages that carry SECRET, to be scrubbed.
+ONCE_RETRY_AFTER_S = "1"
+CONTEXT_LIMIT = 4096
+FORBIDDEN = "FORBIDDEN"
+_failed_once: set[tuple[str, str]] = set()
+_failed_once_lock = threading.Lock()
 
 # status -> (message, type, param, code); the messages that pass through carry a secret.
 ERRORS: Mapping[int, tuple[str, str, str | None, str | None]] = MappingProxyType(
@@ -287,6 +297,8 @@ async def _answer(kind: str, received: Received, model: str, reply: _Reply) -> N
     if status is not None:
         await reply.error(status, *ERRORS[status])
         return
+    if await _refused(received.json, model, reply):
+        return
     if model == "garbage":
         await reply.raw_json(200, b"not json{{")
         return
@@ -300,6 +312,48 @@ async def _answer(kind: str, received: Received, model: str, reply: _Reply) -> N
         await _stream(_Frames(kind, model), model, received, reply)
     else:
         await _complete(kind, received, model, reply)
+
+
+async def _refused(body: dict[str, Any], model: str, reply: _Reply) -> bool:
+    """The `once-*` and `picky` refusals; True when the request was refused."""
+    if model.startswith("once-") and _first_time(model, str(body.get("user"))):
+        if model == "once-500":
+            await reply.error(500, *ERRORS[500])
+        else:
+            headers = [] if model == "once-429-bare" else [("retry-after", ONCE_RETRY_AFTER_S)]
+            error = {"message": ERRORS[429][0], "type": "rate_limit_error", "param": None,
+                     "code": "rate_limit_exceeded"}  # fmt: skip
+            await reply.json(429, {"error": error}, headers)
+        return True
+    if model != "picky":
+        return False
+    max_tokens = body.get("max_tokens")
+    # About four characters a token, as a real tokenizer would count English.
+    requested = len(json.dumps(body.get("messages"))) // 4
+    requested += max_tokens if isinstance(max_tokens, int) else 0
+    if requested > CONTEXT_LIMIT:
+        message = (
+            f"This model's maximum context length is {CONTEXT_LIMIT} tokens. However, you "
+            f"requested {requested} tokens. Please reduce the length of the messages. "
+            f"(key {SECRET})"
+        )
+        await reply.error(400, message, "invalid_request_error", "messages",
+                          "context_length_exceeded")  # fmt: skip
+        return True
+    if FORBIDDEN in json.dumps(body.get("messages")):
+        message = f"Your request was rejected as a result of our safety system. (key {SECRET})"
+        await reply.error(400, message, "invalid_request_error", None,
+                          "content_policy_violation")  # fmt: skip
+        return True
+    return False
+
+
+def _first_time(model: str, user: str) -> bool:
+    with _failed_once_lock:
+        if (model, user) in _failed_once:
+            return False
+        _failed_once.add((model, user))
+        return True
 
 
 def _error_status(model: str) -> int | None:
@@ -436,7 +490,8 @@ async def _stream(frames: _Frames, model: str, received: Received, reply: _Reply
     events.append(frames.finish())
     if wants_usage and model != "no-usage":
         events.append(frames.usage(len(OK_PIECES) if model != "echo" else 1))
-    events.append(DONE[:-2] if model == "no-trailing-newline" else DONE)
+    if model != "stream-no-done":  # that one ends cleanly after its usage, with no [DONE]
+        events.append(DONE[:-2] if model == "no-trailing-newline" else DONE)
     await _write_events(events, model == "sliced", reply)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -170,16 +169,13 @@ def test_junk_model_names_add_no_series(metered: tuple[str, TurnoutApp]) -> None
     with httpx.Client(base_url=url, timeout=10) as client:  # keep-alive: the fast path
         _junk(client, 1)
         before = _scrape(url)
-        started = time.monotonic()
         _junk(client, JUNK_REQUESTS)
-        elapsed = time.monotonic() - started
     after = _scrape(url)
     assert after.keys() == before.keys(), "junk model names created series"
     counter = ("turnout_requests_total", other)
     assert after[counter] == before[counter] + JUNK_REQUESTS
     changed = {key for key in after if after[key] != before[key]}
     assert changed == {counter}
-    assert elapsed < 30, f"{JUNK_REQUESTS} rejected requests took {elapsed:.1f} s"
 
 
 def _junk(client: httpx.Client, count: int) -> None:

@@ -1,4 +1,4 @@
-"""Tests for the Envoy-style retry budget."""
+"""Tests for the retry budget: Envoy-style at once, Finagle-style in all."""
 
 from __future__ import annotations
 
@@ -63,12 +63,49 @@ def test_growing_in_flight_reopens_the_budget() -> None:
 
 
 def test_release_frees_a_retry() -> None:
-    budget = started(2)
-    assert granted(budget) == 3
+    budget = started(20)  # limit 4 at once, 7 in all
+    assert granted(budget) == 4
     budget.release()
-    assert budget.retries_in_flight == 2
+    assert budget.retries_in_flight == 3
     assert budget.acquire()
     assert not budget.acquire()
+
+
+def test_retries_in_all_are_a_share_of_requests() -> None:
+    """Quick failures keep few retries in flight; the balance still caps them in all."""
+    budget, requests, retries = RetryBudget(), 1000, 0
+    for _ in range(requests):
+        budget.begin()
+        for _ in range(2):  # max_attempts 3: up to two retries each, one at a time
+            if budget.acquire():
+                retries += 1
+                budget.release()
+        budget.end()
+    assert retries <= 0.2 * requests + 3
+    assert retries >= 0.2 * requests  # the whole share is used
+
+
+def test_healthy_traffic_does_not_bank_retries() -> None:
+    budget = RetryBudget()
+    for _ in range(10_000):
+        budget.begin()
+        budget.end()
+    budget.begin()
+    assert budget.balance == pytest.approx(3.2)
+    assert granted(budget) == 3
+
+
+def test_minimum_comes_back_with_traffic() -> None:
+    budget = started(1)
+    assert granted(budget) == 3
+    for _ in range(3):
+        budget.release()
+    budget.end()
+    for _ in range(15):  # each request earns a fifth of a retry
+        budget.begin()
+        budget.end()
+    budget.begin()
+    assert granted(budget) == 3
 
 
 def test_end_shrinks_the_limit() -> None:
