@@ -34,6 +34,7 @@ from gateway.state_memory import MemoryState
 from gateway.state_redis import RedisState
 from gateway.tokens import OFFLINE_DEFAULT, REPLY_PRIMING, TokenCounter
 from gateway.upstreams import Upstream, build_upstream
+from router.bounds import RequestBounds
 from router.breaker import BreakerBoard, BreakerConfig
 from router.retry_budget import RetryBudget
 from router.shaping import shape_chat_messages
@@ -99,6 +100,7 @@ class Gateway:
         self.keys.on_fallback = self.metrics.state_fallback
         self.background: set[asyncio.Task[None]] = set()
         self.shedder = LoadShedder(settings.server.max_in_flight)  # app.py puts it in front
+        self.route_bounds: dict[str, RequestBounds] = {}  # per route, filled by proxy.check_bounds
         self.redis_down = False
         self._redis_checked = -math.inf
         self.rules = {name: rules_from_settings(route) for name, route in settings.routes.items()}

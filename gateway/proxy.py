@@ -17,7 +17,7 @@ from gateway.estimate import prompt_tokens
 from gateway.exchange import Exchange
 from gateway.gateway import Gateway
 from gateway.rules_config import request_facts
-from gateway.settings import DEFAULT_MAX_TOKENS, Route, Settings, VllmUpstream
+from gateway.settings import DEFAULT_MAX_TOKENS, Route, VllmUpstream
 from gateway.settings import Upstream as UpstreamConfig
 from gateway.state import StateUnavailable
 from router.bounds import RequestBounds, tightest, violation
@@ -135,18 +135,13 @@ def route_variants(route: Route) -> set[str]:
     return names
 
 
-# Each route's bounds, per settings object (held, so its id is never reused while cached).
-_BOUNDS: dict[tuple[int, str], tuple[Settings, RequestBounds]] = {}
-
-
 def check_bounds(gw: Gateway, name: str, route: Route, body: Mapping[str, Any]) -> None:
     """400 naming the parameter when the request asks more than the route allows (`n`,
     `max_tokens`, logprobs, structured-output schemas: see settings.Bounds)."""
-    key = (id(gw.settings), name)
-    cached = _BOUNDS.get(key)
-    if cached is None or cached[0] is not gw.settings:
-        cached = _BOUNDS[key] = (gw.settings, route_bounds(gw, route))
-    problem = violation(body, cached[1])
+    bounds = gw.route_bounds.get(name)
+    if bounds is None:  # computed once per route
+        bounds = gw.route_bounds[name] = route_bounds(gw, route)
+    problem = violation(body, bounds)
     if problem is not None:
         raise BadRequest(problem.message, param=problem.param, code=problem.code)
 
