@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import anyio
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -111,7 +112,16 @@ def api_fast_path(litestar: Litestar, gw: Gateway) -> ASGIApp:
         except Exception as exc:
             response = render_error(gw, request, exc)
         asgi = response.to_asgi_response(app=None, request=request)
-        await asgi(scope, receive, send)  # type: ignore[arg-type]
+        try:
+            await asgi(scope, receive, send)  # type: ignore[arg-type]
+        except BaseException:
+            # Litestar runs a response's background task only after a complete send: a stream
+            # whose start could not be sent (the client left) must still be closed — its
+            # upstream call, replica slot, admission and record (StreamRelay.close, idempotent).
+            if response.background is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.background()
+            raise
 
     return app
 

@@ -30,6 +30,7 @@ from gateway.settings import (
     VllmUpstream,
     When,
 )
+from gateway.upstreams.h1 import encode_headers
 from serving.sim_answers import load_answers
 from serving.vllm_command import OWN_FLAGS
 
@@ -118,6 +119,7 @@ def check_settings(
     _resolve_paths(parts, base_dir)
     problems += _check_simulated(parts)
     problems += _check_serve(parts)
+    problems += _check_headers(parts)
     problems += _check_variants(parts)
     problems += _check_routes(parts)
     problems += _check_keys(parts)
@@ -282,6 +284,18 @@ def _resolve_paths(parts: _Parts, base_dir: str | Path | None) -> None:
             if not path.is_absolute():
                 answers = str(Path(base_dir) / path)
                 parts.upstreams[name] = msgspec.structs.replace(upstream, answers=answers)
+
+
+def _check_headers(parts: _Parts) -> Iterator[Problem]:
+    """An upstream's extra `headers` must be sendable and leave the request's framing alone."""
+    for name, upstream in parts.upstreams.items():
+        if not isinstance(upstream, OpenAIUpstream):
+            continue
+        for header, value in upstream.headers.items():
+            try:
+                encode_headers({header: value})
+            except ValueError as exc:
+                yield Problem(f"upstreams.{name}.headers.{header}", str(exc))
 
 
 def _check_serve(parts: _Parts) -> Iterator[Problem]:

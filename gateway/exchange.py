@@ -215,7 +215,9 @@ class Exchange:
 
         def on_watched(watcher: asyncio.Task[None]) -> None:
             nonlocal gone
-            if waiting and not watcher.cancelled() and watcher.exception() is None:
+            if watcher.cancelled():
+                return
+            if watcher.exception() is None and waiting:  # (read even when late: no warning)
                 gone = True
                 current.cancel()
 

@@ -67,14 +67,36 @@ def split_url(url: str) -> tuple[Origin, bytes, bytes]:
     return Origin(parts.scheme, host, port), host_header.encode("ascii"), target.encode("ascii")
 
 
+# Headers the client frames itself: a configured value would contradict the request's framing.
+FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "te", "upgrade"})
+# Headers the client sends unless the configured block has its own (which then replaces it).
+_DEFAULTS = (("user-agent", b"turnout"), ("accept-encoding", b"identity"))
+
+
 def encode_headers(headers: Mapping[str, str]) -> bytes:
-    """A header block ("name: value\\r\\n"...) to send with every request; refuses CR/LF/NUL."""
+    """A header block ("name: value\\r\\n"...) to send with every request. Refuses CR/LF/NUL
+    and the framing headers; a `host`, `user-agent` or `accept-encoding` replaces the
+    client's own."""
     lines = []
     for name, value in headers.items():
         if any(c in name + value for c in "\r\n\0") or not name or ":" in name:
             raise ValueError(f"header {name!r} has a character that cannot be sent")
+        if name.lower() in FRAMING:
+            raise ValueError(f"header {name!r} is set by the HTTP client itself")
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
     return b"".join(lines)
+
+
+@functools.lru_cache(maxsize=256)
+def _own_lines(block: bytes) -> tuple[bool, bytes]:
+    """For a configured block: whether to send our Host, and our default lines it lacks."""
+    names = {line.split(b":", 1)[0].strip().lower() for line in block.split(b"\r\n") if line}
+    lines = b"".join(
+        b"%s: %s\r\n" % (name.encode(), value)
+        for name, value in _DEFAULTS
+        if name.encode() not in names
+    )
+    return b"host" not in names, lines
 
 
 class Headers:
@@ -205,6 +227,8 @@ class Response:
             return
         self._closed = True
         reusable = self.complete and self.keep_alive and self._error is None and not self._chunks
+        if not self.complete:
+            self._fail(ConnectionBroken("the response was closed before its end"))
         self._connection.done(reusable)
 
 
@@ -232,7 +256,7 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except Exception as exc:  # a malformed response, an upgrade, a second response
             self.response._fail(ConnectionBroken(f"the upstream sent a malformed response: {exc}"))
             self.close()
 
@@ -252,6 +276,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
+        if self.response.complete:
+            raise ConnectionBroken("a second response to one request")
         status = self.parser.get_status_code()
         if status < 200:  # an interim response (100 Continue, 103): wait for the real one
             self._raw = []
@@ -261,6 +287,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
+            if self.response.complete:
+                raise ConnectionBroken("bytes after the end of the response")
             self.response._feed(body)
 
     def on_message_complete(self) -> None:
@@ -302,6 +330,8 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
+            if self.response is not None:  # not a clean end, even of a close-delimited body
+                self.response._fail(ConnectionBroken("the connection was closed"))
             self.transport.abort()
             self.pool._forget(self)
 
@@ -337,11 +367,9 @@ class Pool:
         max_connections: int,
         max_keepalive: int,
         tls: ssl.SSLContext | None = None,
-        user_agent: str = "turnout",
     ) -> None:
         self.max_connections, self.max_keepalive = max_connections, max_keepalive
         self._tls = tls
-        self._user_agent = user_agent.encode("ascii")
         self._in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -364,20 +392,22 @@ class Pool:
     ) -> Response:
         """Send a request; return once the response's status and headers have arrived.
 
-        `headers` is an encoded block (`encode_headers`); Host, User-Agent, Accept-Encoding and
-        Content-Length are added here. Cancellation at any point closes the connection.
+        `headers` is an encoded block (`encode_headers`); Content-Length is added here, and
+        Host, User-Agent (`turnout`) and Accept-Encoding (`identity`) unless the block has its
+        own. Cancellation at any point closes the connection.
         """
         origin, host, target = split_url(url)
         await self._slot_take(connect_timeout)
         connection: _Connection | None = None
         try:
             connection = self._idle_get(origin) or await self._connect(origin, connect_timeout)
+            with_host, defaults = _own_lines(headers)
             head = b"".join(
                 (
-                    method, b" ", target, b" HTTP/1.1\r\nhost: ", host,
-                    b"\r\nuser-agent: ", self._user_agent,
-                    b"\r\naccept-encoding: identity\r\ncontent-length: ",
-                    str(len(body)).encode(), b"\r\n", headers, b"\r\n",
+                    method, b" ", target, b" HTTP/1.1\r\n",
+                    b"host: %s\r\n" % host if with_host else b"",
+                    defaults, b"content-length: ", str(len(body)).encode(), b"\r\n",
+                    headers, b"\r\n",
                 )
             )  # fmt: skip
             response = connection.send(head, body)

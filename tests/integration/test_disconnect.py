@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
 import httpx
 import pytest
 
 from gateway.app import TurnoutApp
+from gateway.errors import ConnectionGone
 from gateway.tokens import TokenCounter
 from tests.fakes import Recorder
+from tests.integration.conftest import Upstreams, base_config, build_app
 
 USER = [{"role": "user", "content": "hi"}]
 # DESIGN.md: cancelled within 100 ms of Turnout noticing; allow for noticing and thread hops.
@@ -71,3 +77,39 @@ def _wait_for(condition: object, timeout: float = 2.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+async def test_a_stream_whose_start_cannot_be_sent_is_still_closed(upstreams: Upstreams) -> None:
+    """The client left between the first upstream event and the response head: `send` raises
+    (ConnectionGone, as Turnout's connection guard does) on http.response.start, so the stream
+    is never iterated — its upstream call, replica slot and record must still be settled."""
+    app = build_app(base_config(upstreams))
+    await app.gateway.start()
+    try:
+        body = json.dumps({"model": "stream-slow", "messages": USER, "stream": True}).encode()
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+            "headers": [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # the disconnect is seen by `send`, not here
+            raise AssertionError
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            raise ConnectionGone("the client's connection is closed")
+
+        await app(scope, receive, send)
+        upstream = app.gateway.upstreams["hosted"]
+        assert upstream.in_flight == [0]
+        assert upstream.pool is not None and upstream.pool.open_connections() == 0
+        assert [r.status for r in app.gateway.records if r.variant == "stream-slow"] == [499]
+    finally:
+        await app.gateway.aclose()

@@ -304,3 +304,45 @@ def test_on_uvloop(test: Callable[[h1.Pool], Awaitable[None]]) -> None:
             await pool.aclose()
 
     uvloop.run(run())
+
+
+async def test_a_second_response_to_one_request_is_not_read_into_the_first(pool: h1.Pool) -> None:
+    async with Server(
+        replying(ok(b"ok") + b"HTTP/1.1 500 Oops\r\ncontent-length: 3\r\n\r\nbad")
+    ) as server:
+        status, body, _ = await post(pool, server.url)
+        assert (status, body) == (200, b"ok")  # not overwritten by what followed
+        await asyncio.sleep(0.05)
+        assert pool.idle_connections() == 0  # and the connection is not trusted again
+
+
+async def test_configured_headers_replace_the_clients_own(pool: h1.Pool) -> None:
+    async with Server(replying(ok(b"x"))) as server:
+        headers = h1.encode_headers({"Host": "api.example", "User-Agent": "mine/1"})
+        response = await pool.request(b"POST", server.url, headers, b"", connect_timeout=2)
+        await response.aread()
+        await response.aclose()
+        head = server.heads[0].lower()
+        assert head.count(b"\r\nhost:") == 1 and b"host: api.example\r\n" in head
+        assert head.count(b"\r\nuser-agent:") == 1 and b"user-agent: mine/1\r\n" in head
+        assert b"accept-encoding: identity\r\n" in head
+    for framing in ("Content-Length", "Transfer-Encoding", "Connection"):
+        with pytest.raises(ValueError, match="set by the HTTP client"):
+            h1.encode_headers({framing: "1"})
+
+
+async def test_closing_wakes_a_waiting_reader(pool: h1.Pool) -> None:
+    async def handler(_: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nstart")  # close-delimited
+        await reader.read()
+
+    async with Server(handler) as server:
+        response = await pool.request(b"POST", server.url, b"", b"", connect_timeout=2)
+        chunks = response.aiter_bytes()
+        assert await anext(chunks) == b"start"
+        reader = asyncio.create_task(anext(chunks))
+        await asyncio.sleep(0.05)
+        await pool.aclose()  # shutting down: the body is cut, not complete
+        with pytest.raises(h1.ConnectionBroken):
+            await asyncio.wait_for(reader, 1)
+        await response.aclose()
