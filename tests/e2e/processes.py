@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,3 +36,27 @@ def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 30) -> No
             raise AssertionError(f"turnout serve exited:\n{output}")
         assert time.monotonic() < deadline, "turnout serve did not become ready"
         time.sleep(0.1)
+
+
+class Served:
+    """A running `turnout serve`: its URL, process and (once stopped) everything it logged."""
+
+    def __init__(self, url: str, proc: subprocess.Popen[str]) -> None:
+        self.url = url
+        self.proc = proc
+        self.output: str | None = None
+
+    def stop(self) -> str:
+        """SIGINT the server, wait for it, and return everything it logged."""
+        if self.output is not None:
+            return self.output
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
+        self.output = output
+        return output

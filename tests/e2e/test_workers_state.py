@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 from gateway.record_store import connect_redis
 from gateway.state_redis import RedisState
 from router.limits import period_bounds
-from tests.e2e.processes import ROOT, TURNOUT, free_port, wait_ready
+from tests.e2e.processes import ROOT, TURNOUT, Served, free_port, wait_ready
 from tests.integration.conftest import running
 from tests.redis_server import RedisServer
 
@@ -48,28 +47,6 @@ def _config(state: dict[str, Any], **key: Any) -> dict[str, Any]:
         "routes": {"paid": {"split": {"paid": 1}}},
         "keys": [{"name": "app", "sha256": sha, **key}],
     }
-
-
-class Served:
-    def __init__(self, url: str, proc: subprocess.Popen[str]) -> None:
-        self.url = url
-        self.proc = proc
-        self.output: str | None = None
-
-    def stop(self) -> str:
-        """SIGINT the server, wait for it, and return everything it logged."""
-        if self.output is not None:
-            return self.output
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            output, _ = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
-            raise
-        self.output = output
-        return output
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -16,31 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.processes import ROOT, TURNOUT, free_port, wait_ready
-
-
-class Served:
-    """A running `turnout serve`: its URL, process and (once stopped) everything it logged."""
-
-    def __init__(self, url: str, proc: subprocess.Popen[str]) -> None:
-        self.url = url
-        self.proc = proc
-        self.output: str | None = None
-
-    def stop(self) -> str:
-        """SIGINT the server, wait for it, and return everything it logged."""
-        if self.output is not None:
-            return self.output
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            output, _ = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
-            raise
-        self.output = output
-        return output
+from tests.e2e.processes import ROOT, TURNOUT, Served, free_port, wait_ready
 
 
 @contextlib.contextmanager
