@@ -13,7 +13,7 @@ import msgspec
 from gateway.call import Deadline, Opened, transport_error
 from gateway.errors import TurnoutError, UpstreamError, redact, scrub
 from gateway.records import Usage, usage_from
-from gateway.sse import DONE, event_data, iter_events
+from gateway.sse import DONE, event_data, iter_event_batches
 from router.plan import Failure, Stage
 
 _USAGE_MARK = b'"usage"'
@@ -26,7 +26,8 @@ class StreamRelay:
     """Reads events from an opened upstream stream; strips the usage chunk unless it was asked for.
 
     `first()` is awaited before response headers are sent; iterating yields the buffered
-    events and then the rest. A failure after the first event becomes a final SSE error event,
+    events and then the rest, the events that arrived in one read joined into one write
+    (bytes unchanged). A failure after the first event becomes a final SSE error event,
     with no `[DONE]`. `on_finish` runs exactly once, when the stream ends for any reason.
     When the client asked for usage, the usage chunk gains `usage.cost_usd` from `cost_of`.
     """
@@ -55,7 +56,7 @@ class StreamRelay:
         self._on_finish = on_finish
         self._cost_of = cost_of
         self._finished = False
-        self._events = iter_events(opened.response.aiter_bytes())
+        self._batches = iter_event_batches(opened.response.aiter_bytes())
         self._pending: list[bytes] = []
 
     async def first(self) -> None:
@@ -63,13 +64,15 @@ class StreamRelay:
         try:
             async with asyncio.timeout(max(self.opened.first_byte_left(), 0)):
                 while self.first_event_at is None:
-                    event = await self._events.__anext__()
-                    data = event_data(event)
-                    if data:
-                        _raise_if_error(data, self.opened.upstream.secrets)
-                        self.first_event_at = time.perf_counter()
-                    if (kept := self._keep(event, data)) is not None:
-                        self._pending.append(kept)
+                    for event in await self._batches.__anext__():
+                        data = event_data(event)
+                        if data and self.first_event_at is None:
+                            _raise_if_error(data, self.opened.upstream.secrets)
+                            self.first_event_at = time.perf_counter()
+                        if (kept := self._keep(event, data)) is not None:
+                            self._pending.append(kept)
+                        if self.done:
+                            break
         except StopAsyncIteration:
             ended = UpstreamError("The upstream ended the stream before sending any event.")
             raise ended.tagged(Failure.BROKEN, Stage.MAYBE_ACCEPTED) from None
@@ -78,8 +81,8 @@ class StreamRelay:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            for event in self._pending:
-                yield event
+            if self._pending:
+                yield b"".join(self._pending)
             self._pending.clear()
             async for event in self._rest():
                 yield event
@@ -94,7 +97,7 @@ class StreamRelay:
         while not self.done:
             try:
                 async with asyncio.timeout(self.deadline.within(idle)):
-                    event = await self._events.__anext__()
+                    batch = await self._batches.__anext__()
             except StopAsyncIteration:
                 self.error = UpstreamError("The upstream stream ended before it was complete.")
                 break
@@ -103,8 +106,14 @@ class StreamRelay:
                 self.error = mapped if isinstance(mapped, TurnoutError) else UpstreamError(str(exc))
                 break
             self.last_event_at = time.perf_counter()
-            if (kept := self._keep(event, event_data(event))) is not None:
-                yield kept
+            kept = []
+            for event in batch:
+                if (one := self._keep(event, event_data(event))) is not None:
+                    kept.append(one)
+                if self.done:  # what follows [DONE] is drained, not relayed
+                    break
+            if kept:
+                yield b"".join(kept)
         if self.error is not None:
             yield b"data: " + _error_json(self.error) + b"\n\n"
 
@@ -158,7 +167,7 @@ class StreamRelay:
     async def _drain(self) -> None:
         try:
             async with asyncio.timeout(DRAIN_S):
-                async for _ in self._events:
+                async for _ in self._batches:
                     pass
         except (TimeoutError, Exception):
             return

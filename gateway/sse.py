@@ -56,3 +56,15 @@ async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     last = splitter.flush()
     if last is not None:
         yield last
+
+
+async def iter_event_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The events of `iter_events`, grouped as they became complete: one list per chunk read
+    that completed any (so events that arrived together can be relayed in one write)."""
+    splitter = EventSplitter()
+    async for chunk in chunks:
+        if events := splitter.feed(chunk):
+            yield events
+    last = splitter.flush()
+    if last is not None:
+        yield [last]
