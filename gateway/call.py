@@ -18,6 +18,7 @@ from gateway.errors import (
     scrub,
 )
 from gateway.upstreams import Upstream, h1
+from gateway.upstreams.base import UpstreamResponse
 from router.plan import Failure, Stage, retry_after_seconds
 
 _MAX_ERROR_BODY = 64 * 1024
@@ -47,7 +48,7 @@ class Opened:
 
     upstream: Upstream
     replica: int
-    response: h1.Response | httpx.Response
+    response: UpstreamResponse
     first_byte_by: float  # monotonic time by which a stream's first event must have come
     closed: bool = False
 
@@ -110,7 +111,7 @@ async def read_body(opened: Opened, deadline: Deadline) -> bytes:
         raise transport_error(exc, opened.upstream) from None
 
 
-async def _read_error_body(response: h1.Response | httpx.Response, deadline: Deadline) -> bytes:
+async def _read_error_body(response: UpstreamResponse, deadline: Deadline) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:

@@ -16,6 +16,9 @@ from gateway.upstreams import h1
 from router.replicas import least_outstanding, pick_two, scores
 from router.vllm_metrics import ReplicaLoad
 
+# What `Upstream.post` returns: the lean client's response, or httpx's (in-process upstreams).
+UpstreamResponse = h1.Response | httpx.Response
+
 FRESH_INTERVALS = 3  # a scraped load is used for this many scrape intervals, then it is stale
 
 
@@ -53,10 +56,12 @@ class Upstream:
     held: list[frozenset[str] | None] = field(init=False)
     scraping_since: float | None = field(init=False, default=None)
     _ticks: itertools.count[int] = field(init=False, default_factory=itertools.count)
-    _encoded: bytes = field(init=False, default=b"")
+    _sent: dict[str, str] = field(init=False, default_factory=dict)  # headers of every call
+    _encoded: bytes = field(init=False, default=b"")  # the same, encoded for h1
 
     def __post_init__(self) -> None:
-        self._encoded = h1.encode_headers({**self.headers, "content-type": "application/json"})
+        self._sent = {**self.headers, "content-type": "application/json"}
+        self._encoded = h1.encode_headers(self._sent)
         self.in_flight = [0] * len(self.roots)
         self.loads = [None] * len(self.roots)
         self.load_at = [-math.inf] * len(self.roots)
@@ -124,9 +129,7 @@ class Upstream:
     def url(self, index: int, path: str) -> str:
         return self.roots[index] + path
 
-    async def post(
-        self, index: int, path: str, payload: bytes, *, wait: float
-    ) -> h1.Response | httpx.Response:
+    async def post(self, index: int, path: str, payload: bytes, *, wait: float) -> UpstreamResponse:
         """POST JSON to replica `index`; return once the status and headers arrived. The caller
         bounds the whole wait (`wait` also bounds the connect and httpx's own reads)."""
         connect = min(self.timeouts.connect, wait)
@@ -138,7 +141,7 @@ class Upstream:
             "POST",
             self.roots[index] + path,
             content=payload,
-            headers={**self.headers, "content-type": "application/json"},
+            headers=self._sent,
             timeout=httpx.Timeout(
                 connect=connect, read=max(wait, self.timeouts.idle), write=self.timeouts.idle,
                 pool=connect,

@@ -344,17 +344,14 @@ class _Connection(asyncio.Protocol):
         )
 
 
-_TLS: ssl.SSLContext | None = None
-
-
+@functools.cache
 def _default_tls() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        import certifi
+    """Certificates verified against certifi's roots, as httpx does; made on first use."""
+    import certifi
 
-        _TLS = ssl.create_default_context(cafile=certifi.where())
-        _TLS.set_alpn_protocols(["http/1.1"])
-    return _TLS
+    tls = ssl.create_default_context(cafile=certifi.where())
+    tls.set_alpn_protocols(["http/1.1"])
+    return tls
 
 
 class Pool:
