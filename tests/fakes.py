@@ -197,7 +197,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 async def _http(scope: Scope, receive: Receive, send: Send, recorder: Recorder) -> None:
-    body = await _read_body(receive)
+    body = await read_body(receive)
     if body is None:
         return
     received = Received(
@@ -216,7 +216,8 @@ async def _http(scope: Scope, receive: Receive, send: Send, recorder: Recorder) 
     await _watched(work, reply, receive, lambda: recorder.note_disconnect(model))
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive) -> bytes | None:
+    """An ASGI request's whole body (None: the client left first)."""
     chunks: list[bytes] = []
     while True:
         message = await receive()

@@ -51,3 +51,15 @@ def _wait_started(server: uvicorn.Server, thread: threading.Thread) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("uvicorn server did not start in time")
         time.sleep(0.005)
+
+
+def request_framing(head: bytes) -> tuple[int, bool]:
+    """(Content-Length, chunked) of a raw HTTP/1.1 request head, for raw-socket servers."""
+    length, chunked = 0, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+        elif name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    return length, chunked

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fakes import read_body
 from tests.integration.conftest import ADMIN_KEY, running
 from tests.servers import serve_app
 
@@ -33,12 +34,7 @@ class FakeVllm:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive) or b""
         status, answer = self.answer(scope["path"], json.loads(body) if body else {})
         data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
         kind = b"text/plain" if isinstance(answer, str) else b"application/json"

@@ -12,32 +12,29 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Self
 
 from redis.asyncio import Redis
 
 from gateway.serve import configure_logging
+from tests.servers import request_framing
 
 PIECE = 8  # a leak is any run of this many characters of a secret
 _ACCEPT_POLL_S = 0.05
 _READ_TIMEOUT_S = 10.0
 
 
-class CanaryPort:
-    """A listening TCP port on 127.0.0.1 that accepts, counts and closes every connection.
-
-    `url` is an http:// URL aimed at it; `connections` is how many it accepted so far.
-    """
+class _Listener:
+    """A TCP server on 127.0.0.1, port 0, accepting in a daemon thread; `_accepted(conn)`
+    handles each connection (in the accepting thread)."""
 
     def __init__(self) -> None:
         self._sock = socket.create_server(("127.0.0.1", 0))
         self._sock.settimeout(_ACCEPT_POLL_S)
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.connections = 0
-        self.first_bytes: list[bytes] = []  # what each connection sent first, for diagnosis
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -47,13 +44,43 @@ class CanaryPort:
                 continue
             except OSError:
                 return
-            self.connections += 1
-            with conn:
-                conn.settimeout(0.2)
-                try:
-                    self.first_bytes.append(conn.recv(4096))
-                except OSError:
-                    self.first_bytes.append(b"")
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CanaryPort(_Listener):
+    """A listening TCP port on 127.0.0.1 that accepts, counts and closes every connection.
+
+    `url` is an http:// URL aimed at it; `connections` is how many it accepted so far.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connections = 0
+        self.first_bytes: list[bytes] = []  # what each connection sent first, for diagnosis
+        self._thread.start()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        self.connections += 1
+        with conn:
+            conn.settimeout(0.2)
+            try:
+                self.first_bytes.append(conn.recv(4096))
+            except OSError:
+                self.first_bytes.append(b"")
 
     def probe(self) -> None:
         """Connect once, and wait until it is counted: the canary does see connections."""
@@ -65,45 +92,23 @@ class CanaryPort:
             assert time.monotonic() < deadline, "the canary did not count a connection"
             time.sleep(0.01)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def __enter__(self) -> CanaryPort:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 Answer = Callable[[bytes], bytes | None]
 
 
-class RawUpstream:
+class RawUpstream(_Listener):
     """A TCP server that reads one HTTP request per connection and writes `answer(request)`
     verbatim, then closes (None: reset the connection). For upstreams that break HTTP itself.
     `requests` keeps every request it read, headers and body as bytes."""
 
     def __init__(self, answer: Answer) -> None:
+        super().__init__()
         self._answer = answer
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._sock.settimeout(_ACCEPT_POLL_S)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self.requests: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -126,17 +131,6 @@ class RawUpstream:
             except OSError:
                 return
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def __enter__(self) -> RawUpstream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _read_request(conn: socket.socket) -> bytes:
     data = b""
@@ -146,14 +140,7 @@ def _read_request(conn: socket.socket) -> bytes:
             return data
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    chunked = False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-        elif name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
+    length, chunked = request_framing(head)
     while (chunked and not body.endswith(b"0\r\n\r\n")) or (not chunked and len(body) < length):
         chunk = conn.recv(65536)
         if not chunk:

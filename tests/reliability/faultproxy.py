@@ -51,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import Recorder, create_fake_upstream
 from tests.integration.conftest import ADMIN_KEY, Upstreams
-from tests.servers import serve_app
+from tests.servers import request_framing, serve_app
 
 _CHUNK = 65536
 _STARTUP_S = 10.0
@@ -397,13 +397,7 @@ async def _drain_until_eof(reader: asyncio.StreamReader, conn: Connection) -> No
 async def _read_request(reader: asyncio.StreamReader) -> int:
     """Read one whole HTTP/1.1 request (Content-Length or chunked); its size in bytes."""
     head = await reader.readuntil(b"\r\n\r\n")
-    length, chunked = 0, False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-        elif name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
+    length, chunked = request_framing(head)
     if chunked:
         body = await reader.readuntil(b"0\r\n\r\n")
         return len(head) + len(body)

@@ -28,6 +28,7 @@ import pytest
 from gateway.app import create_app
 from gateway.config_check import check_settings
 from gateway.record_store import connect_redis
+from tests.fakes import read_body
 from tests.integration.conftest import sha256
 from tests.redis_server import RedisServer
 from tests.reliability.canary import LeakScanner, LogCapture, RawUpstream, raw_http, redis_dump
@@ -81,12 +82,7 @@ class Leaky:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive) or b""
         auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         self.auth_seen.add(auth)
         body = json.loads(raw) if raw else {}

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes import create_fake_upstream
+from tests.fakes import create_fake_upstream, read_body
 from tests.integration.conftest import ADMIN_KEY, build_app
 from tests.reliability.canary import CanaryPort, no_connections, raw_http
 from tests.servers import serve_app
@@ -60,12 +60,7 @@ class Upstream:
         if scope["type"] != "http":
             await self.fake(scope, receive, send)
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive) or b""
         body = json.loads(raw) if raw else None
         host = dict(scope["headers"]).get(b"host", b"").decode()
         self.seen.append(Seen(scope["method"], scope["path"], host, body))
